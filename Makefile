@@ -1,0 +1,41 @@
+# tidepool: `make demo` and `make test` work on a machine that has only Python 3.11.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+SCALE ?= 1
+
+.PHONY: venv demo test lint bench release diff clean
+
+venv: $(STAMP)
+
+# The stamp is newer than requirements.txt once the pinned set is installed; edits reinstall.
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+demo: venv
+	$(PY) -m stages.demo --scale $(SCALE)
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: venv
+	$(PY) -m ruff check .
+
+bench: venv
+	$(PY) -m bench.run
+
+release: venv
+	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
+	$(PY) -m stages.release_cut $(VERSION)
+
+diff: venv
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make diff A=<rev> B=<rev>"; exit 2; }
+	$(PY) -m stages.diff $(A) $(B)
+
+clean:
+	rm -rf build data/.downloads

@@ -1,0 +1,1 @@
+"""tidepool: DVC stages that build leak-free, reproducible WebDataset releases from marine image sources."""

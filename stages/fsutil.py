@@ -1,0 +1,92 @@
+"""File helpers that keep outputs atomic and deterministic."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+READ_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `dest`; rename it over `dest` only if the block succeeds.
+
+    A crash or interrupt leaves either the old file or no file, never a truncated one that
+    looks complete. The temp file sits in the same directory so the rename is atomic.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(dest: str | Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(dest: str | Path, text: str) -> None:
+    write_bytes(dest, text.encode("utf-8"))
+
+
+def dumps_json(obj: Any) -> str:
+    """Canonical JSON: sorted keys, fixed separators, trailing newline, so equal data is equal bytes."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_json(dest: str | Path, obj: Any) -> None:
+    write_text(dest, dumps_json(obj))
+
+
+def write_parquet(dest: str | Path, table: pa.Table) -> None:
+    """Write parquet with settings fixed so the same table gives the same bytes on every build.
+
+    pyarrow stores no timestamps, but the writer version, compression and row-group size would
+    otherwise follow library defaults; pinning them keeps dvc.lock hashes stable.
+    """
+    with atomic_path(dest) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            compression_level=3,
+            row_group_size=128 * 1024,
+            version="2.6",
+            data_page_version="1.0",
+            write_statistics=True,
+            store_schema=True,
+        )
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(READ_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def repo_root() -> Path:
+    """The project root: the nearest parent holding dvc.yaml (stages run from there under DVC)."""
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").exists():
+            return candidate
+    return here

@@ -1,0 +1,1 @@
+"""Deterministic, format-faithful copies of the five upstreams, at a chosen scale."""
