@@ -17,7 +17,8 @@ def generate_all(out: Path, scale: float = 1.0, jobs: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     planted: dict = {"scale": scale}
     checksums: dict[str, str] = {}
-    for name, module in (("reef", reef), ("coasttrain", coasttrain), ("inat2017", inat), ("seatizen", seatizen)):
+    modules = (("reef", reef), ("coasttrain", coasttrain), ("inat2017", inat), ("seatizen", seatizen))
+    for name, module in modules:
         result = module.generate(out, scale=scale, jobs=jobs)
         planted[name] = result.get("planted", {})
         checksums.update(result.get("checksums", {}))

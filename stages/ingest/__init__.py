@@ -1,0 +1,1 @@
+"""ingest@<source>: raw upstream files -> the common sample, point and quarantine tables."""

@@ -1,0 +1,32 @@
+"""The inputs an adapter gets: resolved paths and parameters, so tests can call adapters directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class IngestContext:
+    source: str
+    params: dict[str, Any]  # the whole params.yaml (adapters read sources.<source>, ingest, limits)
+    root: Path  # repo root: image paths in the tables are relative to it
+    raw_dir: Path  # data/raw/<source>
+    out_dir: Path  # data/interim/<source>
+    taxonomy_dir: Path  # data/taxonomy (MERMAID API snapshot)
+    tables_dir: Path  # data/tables (hand-written crosswalk and remap tables, git-tracked)
+    jobs: int = 1
+    scheduler: str | None = None
+
+    @property
+    def source_params(self) -> dict[str, Any]:
+        return self.params["sources"][self.source]
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.params["limits"]["max_image_pixels"])
+
+    def rel(self, path: Path) -> str:
+        """A path as stored in the tables: relative to the repo root, POSIX separators."""
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()

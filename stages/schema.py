@@ -1,0 +1,105 @@
+"""The common sample table: the contract between ingest and everything after it.
+
+Each `ingest@<source>` writes, under data/interim/<source>/:
+  samples.parquet     one row per image (SAMPLES)
+  points.parquet      one row per annotated point, point sources only (POINTS)
+  quarantine.parquet  one row per input record that could not be used (QUARANTINE)
+
+The README documents the columns; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+SAMPLES = pa.schema(
+    [
+        ("sample_id", pa.string()),  # "<source>-<upstream id slug>": ASCII, no dots, stable across builds
+        ("source", pa.string()),
+        ("upstream_id", pa.string()),  # the image's id upstream (uuid, s<id>/<name>, record/npz, ...)
+        ("image_path", pa.string()),  # relative to the repo root, under data/raw/<source>/
+        ("image_format", pa.string()),  # png | jpeg | npz
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("file_size", pa.int64()),
+        ("file_sha256", pa.string()),
+        ("pixel_sha256", pa.string()),  # null for JPEG (no full decode at ingest)
+        ("phash", pa.uint64()),  # 64-bit DCT hash, imagehash.phash-compatible
+        # group keys for splitting (null where the source has none)
+        ("region", pa.string()),
+        ("session", pa.string()),
+        ("spatial_block", pa.string()),
+        ("observer", pa.string()),
+        ("official_split", pa.string()),  # train | val | test where upstream defines one
+        ("captured_at", pa.string()),  # ISO 8601 date or datetime, when known
+        ("lat", pa.float64()),
+        ("lon", pa.float64()),
+        ("license", pa.string()),
+        ("attribution", pa.string()),
+        ("native_labels", pa.string()),  # JSON: labels exactly as upstream has them
+        ("labels", pa.string()),  # JSON: labels in the project's label spaces
+        ("mask_path", pa.string()),  # class-id mask (PNG, mode L) where one exists
+        ("n_points", pa.int32()),
+    ]
+)
+
+POINTS = pa.schema(
+    [
+        ("point_id", pa.string()),  # upstream point id, or "<sample_id>-r<row>-c<col>"
+        ("sample_id", pa.string()),
+        ("source", pa.string()),
+        ("row", pa.int32()),  # pixels from the top
+        ("col", pa.int32()),  # pixels from the left
+        ("source_label_id", pa.string()),  # CoralNet Label ID / MERMAID attribute id
+        ("source_label", pa.string()),  # CoralNet short code / MERMAID attribute name
+        ("benthic_attribute_id", pa.string()),
+        ("benthic_attribute_name", pa.string()),
+        ("growth_form_id", pa.string()),
+        ("growth_form_name", pa.string()),
+        ("top_level_category", pa.string()),
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        ("source", pa.string()),
+        ("record_kind", pa.string()),  # image | point | annotation_row | file | class
+        ("record_id", pa.string()),
+        ("file", pa.string()),  # the file the record came from, relative to the repo root
+        ("reason", pa.string()),  # one of REASONS
+        ("detail", pa.string()),
+    ]
+)
+
+REASONS = {
+    "missing_image": "the annotation refers to an image that is not in the fetched data",
+    "empty_file": "zero-byte file",
+    "corrupt_image": "the image does not decode (truncated, garbage, broken chunks)",
+    "image_too_large": "more pixels than limits.max_image_pixels (decompression-bomb bound)",
+    "unsupported_format": "not an image type the pipeline accepts",
+    "point_outside_image": "point row/col not inside 0 <= row < H, 0 <= col < W",
+    "duplicate_point": "same (row, col) already annotated in this image; first kept",
+    "unconfirmed_annotation": "machine (robot) or not-Confirmed annotation",
+    "unmapped_label": "no label mapping into the MERMAID taxonomy",
+    "ambiguous_mapping": "label maps to several MERMAID attribute/growth-form pairs",
+    "unknown_class": "class name not in the remap/crosswalk table",
+    "unreadable_npz": "npz missing required keys or malformed",
+    "npz_needs_pickle": "npz holds object arrays that only load with pickle",
+    "image_unusable": "the record's image was quarantined (see its image row)",
+    "no_annotation": "an image with no annotation record",
+    "bad_record": "a record with missing or malformed required fields",
+}
+
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def make_sample_id(source: str, *parts: object) -> str:
+    """`<source>-<parts>` with everything outside [A-Za-z0-9_-] replaced by `_`.
+
+    WebDataset splits keys at the first dot, so ids carry none; ids come from upstream ids only,
+    never from row order, so a sample keeps its id as the sources grow.
+    """
+    slug = "-".join(_SLUG_BAD.sub("_", str(p)).strip("_") for p in parts)
+    return f"{source}-{slug}"
