@@ -59,8 +59,33 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
                 f"{overlay_path}: an endpoints overlay may only set `endpoints`, not {sorted(extra)}; "
                 "anything that changes what is built belongs in params.yaml where DVC tracks it"
             )
-        params["endpoints"] = _deep_merge(params.get("endpoints", {}), overlay.get("endpoints", {}))
+        original = params.get("endpoints", {})
+        params["endpoints"] = _deep_merge(original, overlay.get("endpoints", {}))
+        # Remember which locations the overlay replaced, so outputs can name the upstream a
+        # mirror stands in for instead of a loopback port or a checkout path (see canonical_url).
+        params[CANONICAL_KEY] = {
+            str(value): str(original[key])
+            for key, value in overlay.get("endpoints", {}).items()
+            if isinstance(value, str) and isinstance(original.get(key), str) and value != original[key]
+        }
     return params
+
+
+CANONICAL_KEY = "_canonical_endpoints"
+
+
+def canonical_url(params: dict[str, Any], url: str) -> str:
+    """The upstream URL for `url`: an overlaid endpoint prefix is replaced by params.yaml's value.
+
+    Manifests record where each file comes from. Under a mirror (the demo's loopback servers, a
+    local copy) the literal location changes from run to run, and outputs must not: two builds of
+    the same bytes hash the same. Recording the upstream location keeps them equal and still says
+    what the file is.
+    """
+    for mirror, upstream in sorted(params.get(CANONICAL_KEY, {}).items(), key=lambda kv: -len(kv[0])):
+        if url.startswith(mirror):
+            return upstream + url[len(mirror) :]
+    return url
 
 
 def require(mapping: dict[str, Any], dotted: str) -> Any:

@@ -80,6 +80,9 @@ def pixel_sha256(rgb: np.ndarray) -> str:
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageProblem("empty_file", "file has zero bytes")
+    # Our bound replaces PIL's global one for this open only; the global is restored so other
+    # code in the process (generators, tests) keeps PIL's default.
+    saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
@@ -91,6 +94,8 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageProblem("image_too_large", str(exc)) from exc
     except UnidentifiedImageError as exc:
         raise ImageProblem("corrupt_image", "not a recognisable image") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
     w, h = img.size
     if w * h > max_pixels:
         raise ImageProblem("image_too_large", f"{w}x{h} exceeds limits.max_image_pixels={max_pixels}")
