@@ -68,3 +68,89 @@ def run_stage(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]
         )
 
     return run
+
+
+# --- end-to-end: a real DVC project in a temp dir, fed by the loopback servers -------------------
+
+E2E_SCALE = 0.3  # small, but every planted case exists at this scale
+
+
+@pytest.fixture(scope="session")
+def sample_upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample upstreams at E2E_SCALE, generated once per test session."""
+    from stages.samplegen.__main__ import generate_all
+
+    out = tmp_path_factory.mktemp("upstream")
+    generate_all(out, scale=E2E_SCALE, jobs=2)
+    return out
+
+
+def _project_files() -> list[str]:
+    """What a fresh clone would hold: tracked files plus new, not-ignored ones (during development)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return sorted(p for p in listed.split("\0") if p and (REPO / p).is_file())
+
+
+def make_project(dest: Path) -> Path:
+    """Copy the repository's files into `dest` and commit them, like `git clone` would give."""
+    import shutil
+
+    for rel in _project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    git = ["git", "-c", "user.email=test@tidepool", "-c", "user.name=test"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "fresh clone"], cwd=dest, check=True)
+    return dest
+
+
+class Pipeline:
+    """A DVC project plus the environment that points it at a running Loopback."""
+
+    def __init__(self, root: Path, lb: Any, overlay: Path) -> None:
+        from stages.loopback import dvc_command
+
+        self.root = root
+        self.lb = lb
+        self.env = {
+            **os.environ,
+            **lb.env(overlay),
+            "TIDEPOOL_PROGRESS": "0",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        self.dvc_cmd = dvc_command()
+        lb.configure_dvc_remote(root)
+
+    def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            list(args), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                f"stderr:\n{proc.stderr[-4000:]}"
+            )
+        return proc
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run(*self.dvc_cmd, *args, check=check)
+
+    def git(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run("git", "-c", "user.email=test@tidepool", "-c", "user.name=test", *args)
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, sample_upstream: Path) -> Any:
+    """A fresh project wired to a Loopback serving the session's sample upstreams."""
+    from stages.loopback import Loopback
+
+    root = make_project(tmp_path / "project")
+    with Loopback(upstream=sample_upstream) as lb:
+        yield Pipeline(root, lb, lb.write_overlay(tmp_path / "endpoints.yaml"))
