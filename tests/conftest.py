@@ -154,3 +154,56 @@ def pipeline(tmp_path: Path, sample_upstream: Path) -> Any:
     root = make_project(tmp_path / "project")
     with Loopback(upstream=sample_upstream) as lb:
         yield Pipeline(root, lb, lb.write_overlay(tmp_path / "endpoints.yaml"))
+
+
+# --- ingest: raw data fetched once per session from the sample upstreams -----------------------
+
+FETCH_SOURCES = ("mermaid", "coralnet", "coasttrain", "inat2017", "seatizen")
+
+
+@pytest.fixture(scope="session")
+def fetched_root(tmp_path_factory: pytest.TempPathFactory, sample_upstream: Path) -> Path:
+    """A project-shaped dir with data/raw/<source>/, data/taxonomy/ and data/tables/, fetched
+    through the real fetch code from the loopback servers. Treat it as read-only: it is shared."""
+    import shutil
+
+    from stages.fetch import fetch
+    from stages.loopback import Loopback
+    from stages.taxonomy import snapshot
+
+    root = tmp_path_factory.mktemp("fetched")
+    (root / "dvc.yaml").write_text("stages: {}\n", encoding="utf-8")  # marks the project root
+    shutil.copytree(REPO / "data" / "tables", root / "data" / "tables")
+    with Loopback(upstream=sample_upstream) as lb, pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENDPOINTS_ENV, str(lb.write_overlay(root / "endpoints.yaml")))
+        for key, value in lb.env(root / "endpoints.yaml").items():
+            mp.setenv(key, value)
+        params = load_params(REPO / "params.yaml")
+        for source in FETCH_SOURCES:
+            fetch(source, params, root / "data" / "raw" / source, root / "data" / ".downloads" / source)
+        snapshot(params, root / "data" / "taxonomy")
+    return root
+
+
+def ingest_context(source: str, root: Path, out_root: Path | None = None, **overrides: Any) -> Any:
+    """An IngestContext reading `root`'s raw data; outputs go under `out_root` (default: root)."""
+    from stages.ingest.context import IngestContext
+
+    params = load_params(REPO / "params.yaml")
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    out_root = out_root or root
+    return IngestContext(
+        source=source,
+        params=params,
+        root=root,
+        raw_dir=root / "data" / "raw" / source,
+        out_dir=out_root / "data" / "interim" / source,
+        taxonomy_dir=root / "data" / "taxonomy",
+        tables_dir=root / "data" / "tables",
+        jobs=2,
+    )
