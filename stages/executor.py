@@ -33,6 +33,19 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
+SCHEDULER_ENV = "TIDEPOOL_DASK_SCHEDULER"
+
+
+def executor_settings(params: dict[str, Any]) -> tuple[int, str | None]:
+    """(jobs, scheduler) from params, with $TIDEPOOL_DASK_SCHEDULER overriding the scheduler.
+
+    Neither is a DVC-tracked parameter: where the work runs does not change what it produces.
+    """
+    jobs = resolve_jobs(params.get("jobs"))
+    scheduler = os.environ.get(SCHEDULER_ENV) or (params.get("executor") or {}).get("scheduler")
+    return jobs, scheduler or None
+
+
 def resolve_jobs(jobs: int | None) -> int:
     """`jobs` from params: a positive count, or 0/None for one per CPU."""
     if not jobs or jobs < 1:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stages.cli import run_main
 from stages.config import load_params
+from stages.executor import executor_settings
 from stages.fsutil import repo_root
 from stages.ingest.common import write_metrics
 from stages.ingest.context import IngestContext
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    jobs, scheduler = executor_settings(params)
     root = repo_root()
     ctx = IngestContext(
         source=args.source,
@@ -32,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=root / "data" / "interim" / args.source,
         taxonomy_dir=root / "data" / "taxonomy",
         tables_dir=root / "data" / "tables",
-        jobs=params.get("jobs", 1),
-        scheduler=(params.get("executor") or {}).get("scheduler"),
+        jobs=jobs,
+        scheduler=scheduler,
     )
     adapter = importlib.import_module(f"stages.ingest.{args.source}")
     started = time.monotonic()
