@@ -39,6 +39,11 @@ class ImageProblem(Exception):
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
 
+    def __reduce__(self) -> tuple[type[ImageProblem], tuple[str, str]]:
+        # Problems come back from worker processes as results; the default Exception pickling
+        # would call __init__ with the one formatted message and fail in the parent.
+        return (type(self), (self.reason, self.detail))
+
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -94,6 +99,10 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageProblem("image_too_large", str(exc)) from exc
     except UnidentifiedImageError as exc:
         raise ImageProblem("corrupt_image", "not a recognisable image") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # A file cut off inside its header (a JPEG marker segment, a PNG chunk) fails while the
+        # header is parsed, before any decode: still a bad record, not a crash of the stage.
+        raise ImageProblem("corrupt_image", f"header does not parse: {exc}") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = saved
     w, h = img.size

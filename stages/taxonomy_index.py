@@ -8,7 +8,7 @@ resolved the same way for every source.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,18 @@ class Mapping:
     benthic_attribute_name: str
     growth_form_id: str | None
     growth_form_name: str | None
+    # The labelmapping row's own id, for rules that pick among several targets (lowest id wins).
+    # Not part of equality: two rows with the same target are one target, whatever their ids.
+    mapping_id: str | None = field(default=None, compare=False)
+
+
+def mapping_id_key(mapping_id: str | None) -> tuple[int, int, str]:
+    """Sort key for labelmapping ids: numeric ids numerically, anything else (uuids) as text."""
+    if mapping_id is None:
+        return (2, 0, "")
+    if mapping_id.isdigit():
+        return (0, int(mapping_id), mapping_id)
+    return (1, 0, mapping_id)
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
@@ -81,9 +93,17 @@ class Taxonomy:
                 m.get("benthic_attribute_name") or self.attributes.get(attr_id, {}).get("name"),
                 m.get("growth_form_id"),
                 m.get("growth_form_name"),
+                None if m.get("id") is None else str(m["id"]),
             )
             if target not in targets:
                 targets.append(target)
+            elif target.mapping_id is not None:
+                # Same target twice: keep the lowest mapping id, whatever the snapshot's row order.
+                k = targets.index(target)
+                if targets[k].mapping_id is None or mapping_id_key(target.mapping_id) < mapping_id_key(
+                    targets[k].mapping_id
+                ):
+                    targets[k] = target
 
     @classmethod
     def load(cls, directory: str | Path) -> Taxonomy:

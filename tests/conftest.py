@@ -72,7 +72,7 @@ def run_stage(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]
 
 # --- end-to-end: a real DVC project in a temp dir, fed by the loopback servers -------------------
 
-E2E_SCALE = 0.3  # small, but every planted case exists at this scale
+E2E_SCALE = 0.5  # small, but every planted case (Coast Train plants at npz index <= 2) exists
 
 
 @pytest.fixture(scope="session")

@@ -30,3 +30,12 @@ class IngestContext:
     def rel(self, path: Path) -> str:
         """A path as stored in the tables: relative to the repo root, POSIX separators."""
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    def out_rel(self, path: Path) -> str:
+        """An output path (under out_dir) as stored in the tables: `data/interim/<source>/...`.
+
+        Derived from out_dir rather than the repo root, so it names the same place whether the
+        outputs sit in the project (a real run) or in a test's scratch copy of data/interim.
+        """
+        inner = Path(path).resolve().relative_to(self.out_dir.resolve()).as_posix()
+        return f"data/interim/{self.source}/{inner}"
