@@ -10,7 +10,11 @@ into the shards), so both apply the same rules:
 - `dedup: all` keeps every copy of a duplicate cluster. `dedup: one` keeps, per cluster, the
   best-ranked usable member among the product's own sources (the `rank` of
   data/dedup/clusters.parquet, i.e. the survivor rule); so a cluster whose overall survivor is
-  from another source, or unusable, still contributes exactly one sample.
+  from another source, or unusable, still contributes exactly one sample. `dedup: cover` walks a
+  cluster in rank order and keeps a member only if its pHash is farther than `dedup.radius` from
+  every member already kept: union-find chains consecutive video frames into one cluster whose
+  ends are different scenes, and `cover` keeps those while still dropping true near-copies.
+  Every policy keeps a whole cluster in one split (the split stage sees all members).
 - A product is point-based when it has a `patch_size` (one sample = one point's patch), otherwise
   image-based.
 
@@ -35,7 +39,7 @@ import pandas as pd
 from stages.config import require
 from stages.errors import ConfigError
 
-KEEP_POLICIES = ("one", "all")
+KEEP_POLICIES = ("one", "all", "cover")
 LABEL_LEVELS = ("attribute", "attribute_growth_form", "top_level")
 
 
@@ -46,12 +50,14 @@ class Product:
     keep: str  # one | all
     unit: str  # point | image
     label_level: str  # attribute | attribute_growth_form | top_level (for reef labels)
+    radius: int = 0  # dedup.radius: what `cover` treats as a near copy
 
 
 def products_from_params(params: dict[str, Any]) -> list[Product]:
     """The products of params.yaml, in the order declared, validated."""
     declared = require(params, "products")
     known_sources = set(require(params, "sources"))
+    radius = int((params.get("dedup") or {}).get("radius", 0))
     if not isinstance(declared, dict) or not declared:
         raise ConfigError("params.yaml: `products` must map product names to their settings")
     out = []
@@ -75,7 +81,7 @@ def products_from_params(params: dict[str, Any]) -> list[Product]:
                 f"params.yaml: products.{name}.label_level must be one of {LABEL_LEVELS}, got {level!r}"
             )
         unit = "point" if "patch_size" in spec else "image"
-        out.append(Product(str(name), tuple(str(s) for s in sources), keep, unit, level))
+        out.append(Product(str(name), tuple(str(s) for s in sources), keep, unit, level, radius))
     return out
 
 
@@ -111,8 +117,9 @@ def usable(samples: pd.DataFrame) -> np.ndarray:
 def product_samples(product: Product, samples: pd.DataFrame, clusters: pd.DataFrame) -> pd.DataFrame:
     """The rows of `samples` in `product` (keep policy applied), in sample_id order.
 
-    `samples` needs sample_id, source, labels and mask_path; `clusters` is the dedup cluster
-    table (sample_id, cluster_id, rank). Adds `cluster_id` (null outside clusters).
+    `samples` needs sample_id, source, labels and mask_path (and phash for `cover`); `clusters`
+    is the dedup cluster table (sample_id, cluster_id, rank). Adds `cluster_id` (null outside
+    clusters).
     """
     mine = samples[samples["source"].isin(product.sources).to_numpy()].copy()
     mine = mine[usable(mine)]
@@ -130,7 +137,27 @@ def product_samples(product: Product, samples: pd.DataFrame, clusters: pd.DataFr
         best = ranked.sort_values(["cluster_id", "_rank"], kind="stable").drop_duplicates("cluster_id")
         keep_ids = set(best["sample_id"].astype(str))
         mine = mine[~in_cluster | ids.isin(keep_ids).to_numpy()]
+    elif product.keep == "cover":
+        in_cluster = mine["cluster_id"].notna().to_numpy()
+        ranked = mine[in_cluster].assign(_rank=[rank_of[s] for s in ids[in_cluster]])
+        keep_ids = _cover(ranked.sort_values(["cluster_id", "_rank"], kind="stable"), product.radius)
+        mine = mine[~in_cluster | ids.isin(keep_ids).to_numpy()]
     return mine.sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def _cover(ranked: pd.DataFrame, radius: int) -> set[str]:
+    """Per cluster, in rank order: keep a member unless it is within `radius` of one kept."""
+    if "phash" not in ranked:
+        raise ConfigError("dedup: cover needs the samples' phash column")
+    kept: set[str] = set()
+    for _, members in ranked.groupby("cluster_id", sort=True):
+        chosen: list[int] = []
+        for sid, h in zip(members["sample_id"].astype(str), members["phash"]):
+            h = int(h)
+            if all((h ^ c).bit_count() > radius for c in chosen):
+                chosen.append(h)
+                kept.add(sid)
+    return kept
 
 
 def product_points(product: Product, points: pd.DataFrame, selected: pd.DataFrame) -> pd.DataFrame:

@@ -56,7 +56,9 @@ SPLITS = ("train", "val", "test")
 MERGE_PRECEDENCE = ("train", "val", "test")
 GROUP_KEYS = ("region", "session", "spatial_block", "observer")
 ASSIGNED_BY = ("ledger", "official", "hash", "merge")
-SPLIT_COLUMNS = ("sample_id", "source", "official_split", "n_points", "mask_path", "labels", *GROUP_KEYS)
+SPLIT_COLUMNS = (
+    "sample_id", "source", "official_split", "n_points", "mask_path", "labels", "phash", *GROUP_KEYS
+)
 POINT_COLUMNS = ("point_id", "sample_id", "benthic_attribute_name", "growth_form_name", "top_level_category")
 
 ASSIGNMENTS = pa.schema(

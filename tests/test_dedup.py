@@ -306,6 +306,37 @@ def test_keep_one_takes_the_best_usable_member_among_the_products_own_sources():
     assert specs["reef-points"].unit == "point" and specs["reef-images"].unit == "image"
 
 
+def test_keep_cover_drops_near_copies_but_keeps_the_far_ends_of_a_chain():
+    base = far_hashes(1, seed=9)[0]
+
+    def flip(h: int, bits: range) -> int:
+        return h ^ sum(1 << b for b in bits)
+
+    # A chain of video frames: each within 6 bits of the next, the ends 18 bits apart.
+    chain = [base, flip(base, range(0, 6)), flip(base, range(0, 12)), flip(base, range(0, 18))]
+    lab = json.dumps({"attribute": [], "top_level": {}})
+    rows = [row(f"seatizen-f{k}", "seatizen", h, labels=lab) for k, h in enumerate(chain)]
+    rows.append(row("seatizen-f0copy", "seatizen", base ^ 1, labels=lab))  # a near copy of f0
+    result = dedup.find_duplicates(frame(rows), 8, PRIORITY)
+    assert result.clusters["cluster_id"].nunique() == 1  # union-find chained all five
+    params = {
+        "sources": {s: {} for s in SOURCES},
+        "dedup": {"radius": 8},
+        "products": {"frames": {"sources": ["seatizen"], "dedup": "cover"}},
+    }
+    (spec,) = products.products_from_params(params)
+    kept = products.product_samples(spec, frame(rows), result.clusters)["sample_id"].tolist()
+    ranked = result.clusters.sort_values("rank")["sample_id"].tolist()
+    # Greedy in rank order: no two kept frames within the radius, every dropped one near a kept one.
+    hashes = {r["sample_id"]: r["phash"] for r in rows}
+    assert kept and ranked[0] in kept
+    for a, b in combinations(kept, 2):
+        assert (hashes[a] ^ hashes[b]).bit_count() > 8
+    for dropped in set(hashes) - set(kept):
+        assert min((hashes[dropped] ^ hashes[k]).bit_count() for k in kept) <= 8
+    assert 2 <= len(kept) < len(rows)
+
+
 def test_products_refuse_bad_params():
     from stages.errors import ConfigError
 
