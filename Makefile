@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 SCALE ?= 1
+IMAGES ?= 10000
+BENCH_ARGS ?=
 
 .PHONY: venv demo test lint bench release diff clean
 
@@ -26,8 +28,9 @@ test: venv
 lint: venv
 	$(PY) -m ruff check .
 
+# 10k images by default; `make bench IMAGES=2000 BENCH_ARGS=--skip-100k` for a quick run.
 bench: venv
-	$(PY) -m bench.run
+	$(PY) -m bench.run --images $(IMAGES) $(BENCH_ARGS)
 
 release: venv
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
