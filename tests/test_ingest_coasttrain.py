@@ -30,7 +30,7 @@ from stages.imaging import pixel_sha256
 from stages.ingest import coasttrain
 from stages.ingest.context import IngestContext
 
-REFERENCE = REPO.parent / "shared" / "reference" / "coasttrain"
+REFERENCE = REPO / "tests" / "reference" / "coasttrain"  # vendored, see its NOTICE.md
 REMAP_CSV = REPO / "data" / "tables" / "coasttrain" / "remap.csv"
 # Coast Train needs scale >= 0.5 for every planted case (the wrack npz is index 2 of its record;
 # mixed class lists need a record's second site): the shared session upstream is generated at 0.3.

@@ -1,6 +1,6 @@
 """Sample USGS Coast Train release: `http/coasttrain/<Record>.zip` for the ten records (SOURCES §4).
 
-Each zip mirrors the real record's metadata (the served CSVs in ../shared/reference/coasttrain/):
+Each zip mirrors the real record's metadata (the served CSVs vendored in tests/reference/coasttrain/):
 its CSV column order, class lists (with both lists where the real record mixes two), path style in
 the file columns, CRS quirk, pixel size and typical location. In-zip layout (the real one is
 unverified; this is the plausible reading of "one metadata CSV and a folder of npz"):
