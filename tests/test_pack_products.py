@@ -27,10 +27,10 @@ from test_dedup import ingest_all
 
 from stages import dedup, split
 from stages.config import load_params
-from stages.errors import ConfigError
+from stages.errors import ConfigError, UpstreamFormatError
 from stages.fsutil import write_parquet
 from stages.ingest.coasttrain import load_coasttrain_image
-from stages.pack import PackContext, pack_product, product_settings, record_generations
+from stages.pack import PackContext, check_size, pack_product, product_settings, record_generations
 from stages.pack import reef_points as rp
 from stages.pack.sharding import key_hashes, plan_fixed_count, rewritten, shard_contents
 from stages.pack.tarwriter import TarWriter
@@ -535,3 +535,12 @@ def test_update_ledger_needs_a_configured_ledger(corpus: dict[str, Any]):
     params["products"]["coast-seg"].pop("ledger", None)
     with pytest.raises(ConfigError, match="ledger is not set"):
         record_generations(params, "coast-seg", corpus["root"])
+
+
+def test_an_image_that_changed_size_since_ingest_is_refused_naming_the_file(tmp_path: Path):
+    path = tmp_path / "frame.png"
+    rgb = np.zeros((30, 40, 3), np.uint8)  # 40 wide, 30 high
+    check_size(rgb, (40, 30), path)
+    with pytest.raises(UpstreamFormatError) as err:
+        check_size(rgb, (30, 40), path)
+    assert str(path) in str(err.value) and "image is 40x30, the sample table says 30x40" in str(err.value)

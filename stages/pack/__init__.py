@@ -373,6 +373,15 @@ def rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
+def check_size(rgb: np.ndarray, expected: tuple[int, int], path: Path | str) -> None:
+    """Refuse pixels whose (width, height) differ from the sample table's: the file changed after
+    ingest, and the points, masks and boxes recorded for it would land in the wrong place."""
+    if (rgb.shape[1], rgb.shape[0]) != tuple(expected):
+        raise UpstreamFormatError(
+            path, f"image is {rgb.shape[1]}x{rgb.shape[0]}, the sample table says {expected[0]}x{expected[1]}"
+        )
+
+
 def fit_max_side(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     """(w, h) scaled so the longer side is at most `max_side`, integer rounding half up."""
     if max_side is None or max(width, height) <= max_side:

@@ -27,6 +27,7 @@ from stages.pack import (
     Unit,
     UnitOut,
     check_key,
+    check_size,
     encode_mask,
     encode_rgb,
     fit_max_side,
@@ -157,10 +158,7 @@ def plan(ctx: PackContext) -> ProductPlan:
 def _encode(unit: Unit) -> UnitOut:
     npz, mask_path, original, size, settings, doc, present, meta = unit.payload
     rgb = load_coasttrain_image(npz, settings.max_pixels)
-    if (rgb.shape[1], rgb.shape[0]) != original:
-        raise UpstreamFormatError(
-            npz, f"image is {rgb.shape[1]}x{rgb.shape[0]}, the sample table says {original[0]}x{original[1]}"
-        )
+    check_size(rgb, original, npz)
     mask = load_mask(Path(mask_path), original, settings.max_pixels)
     members = {
         settings.ext: encode_rgb(resize_rgb(rgb, size), settings),

@@ -39,6 +39,7 @@ from stages.pack import (
     Unit,
     UnitOut,
     check_key,
+    check_size,
     encode_mask,
     encode_rgb,
     fit_max_side,
@@ -247,10 +248,7 @@ def _encode(unit: Unit) -> UnitOut:
     path_str, original, size, mask_path, settings, doc, positives, meta = unit.payload
     path = Path(path_str)
     rgb = rgb_array(open_image(path, settings.max_pixels))
-    if (rgb.shape[1], rgb.shape[0]) != original:
-        raise UpstreamFormatError(
-            path, f"image is {rgb.shape[1]}x{rgb.shape[0]}, the sample table says {original[0]}x{original[1]}"
-        )
+    check_size(rgb, original, path)
     members = {settings.ext: encode_rgb(resize_rgb(rgb, size), settings), "json": doc}
     decodes = 1
     if mask_path is not None:

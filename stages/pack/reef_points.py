@@ -37,6 +37,7 @@ from stages.pack import (
     Unit,
     UnitOut,
     check_key,
+    check_size,
     encode_rgb,
     guarded,
     num,
@@ -330,10 +331,7 @@ def _encode(unit: Unit) -> UnitOut:
     path_str, width, height, size, ext, settings, samples = unit.payload
     path = Path(path_str)
     rgb = rgb_array(open_image(path, settings.max_pixels))
-    if rgb.shape[:2] != (height, width):
-        raise UpstreamFormatError(
-            path, f"image is {rgb.shape[1]}x{rgb.shape[0]}, the sample table says {width}x{height}"
-        )
+    check_size(rgb, (width, height), path)
     padded = np.pad(rgb, ((size, size), (size, size), (0, 0)), mode="reflect")
     out = []
     for key, row, col, doc, cls, meta in samples:
