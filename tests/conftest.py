@@ -161,20 +161,18 @@ def pipeline(tmp_path: Path, sample_upstream: Path) -> Any:
 FETCH_SOURCES = ("mermaid", "coralnet", "coasttrain", "inat2017", "seatizen")
 
 
-@pytest.fixture(scope="session")
-def fetched_root(tmp_path_factory: pytest.TempPathFactory, sample_upstream: Path) -> Path:
-    """A project-shaped dir with data/raw/<source>/, data/taxonomy/ and data/tables/, fetched
-    through the real fetch code from the loopback servers. Treat it as read-only: it is shared."""
+def fetch_project(upstream: Path, root: Path) -> Path:
+    """Make `root` project-shaped (data/raw/<source>/, data/taxonomy/, data/tables/) by fetching
+    every source of `upstream` through the real fetch code from the loopback servers."""
     import shutil
 
     from stages.fetch import fetch
     from stages.loopback import Loopback
     from stages.taxonomy import snapshot
 
-    root = tmp_path_factory.mktemp("fetched")
     (root / "dvc.yaml").write_text("stages: {}\n", encoding="utf-8")  # marks the project root
     shutil.copytree(REPO / "data" / "tables", root / "data" / "tables")
-    with Loopback(upstream=sample_upstream) as lb, pytest.MonkeyPatch.context() as mp:
+    with Loopback(upstream=upstream) as lb, pytest.MonkeyPatch.context() as mp:
         mp.setenv(ENDPOINTS_ENV, str(lb.write_overlay(root / "endpoints.yaml")))
         for key, value in lb.env(root / "endpoints.yaml").items():
             mp.setenv(key, value)
@@ -183,6 +181,13 @@ def fetched_root(tmp_path_factory: pytest.TempPathFactory, sample_upstream: Path
             fetch(source, params, root / "data" / "raw" / source, root / "data" / ".downloads" / source)
         snapshot(params, root / "data" / "taxonomy")
     return root
+
+
+@pytest.fixture(scope="session")
+def fetched_root(tmp_path_factory: pytest.TempPathFactory, sample_upstream: Path) -> Path:
+    """A project-shaped dir fetched from the session's sample upstreams (see `fetch_project`).
+    Treat it as read-only: it is shared."""
+    return fetch_project(sample_upstream, tmp_path_factory.mktemp("fetched"))
 
 
 def ingest_context(source: str, root: Path, out_root: Path | None = None, **overrides: Any) -> Any:

@@ -13,11 +13,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import E2E_SCALE
+from conftest import E2E_SCALE, fetch_project
 from test_dedup import SOURCES, ingest_all, row, run_cli
 
 from stages import dedup, schema, split
-from stages.config import ENDPOINTS_ENV, load_params
+from stages.config import load_params
 from stages.errors import TidepoolError, UpstreamFormatError
 from stages.fsutil import write_parquet
 
@@ -436,25 +436,11 @@ GROWN_SCALE = round(E2E_SCALE * 1.1, 4)
 @pytest.fixture(scope="module")
 def grown_fetched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample upstreams at 1.1x the session scale, fetched like `fetched_root`."""
-    from stages.fetch import fetch
-    from stages.loopback import Loopback
     from stages.samplegen.__main__ import generate_all
-    from stages.taxonomy import snapshot
 
     upstream = tmp_path_factory.mktemp("upstream-grown")
     generate_all(upstream, scale=GROWN_SCALE, jobs=2)
-    root = tmp_path_factory.mktemp("fetched-grown")
-    (root / "dvc.yaml").write_text("stages: {}\n", encoding="utf-8")
-    shutil.copytree(REPO / "data" / "tables", root / "data" / "tables")
-    with Loopback(upstream=upstream) as lb, pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ENDPOINTS_ENV, str(lb.write_overlay(root / "endpoints.yaml")))
-        for key, value in lb.env(root / "endpoints.yaml").items():
-            mp.setenv(key, value)
-        p = load_params(REPO / "params.yaml")
-        for source in SOURCES:
-            fetch(source, p, root / "data" / "raw" / source, root / "data" / ".downloads" / source)
-        snapshot(p, root / "data" / "taxonomy")
-    return root
+    return fetch_project(upstream, tmp_path_factory.mktemp("fetched-grown"))
 
 
 @pytest.mark.slow
