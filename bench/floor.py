@@ -49,6 +49,7 @@ from stages.pack import (
     encode_rgb,
     fit_max_side,
     load_mask,
+    open_image,
     product_settings,
     resize_mask,
     resize_rgb,
@@ -119,17 +120,6 @@ def plan_work(root: Path, params: dict[str, Any]) -> tuple[dict[str, ImageWork],
     return work, settings
 
 
-def _decode(path: Path, max_pixels: int) -> np.ndarray:
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with Image.open(io.BytesIO(path.read_bytes())) as img:
-            img.load()
-            return rgb_array(img)
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
 def _hash_decode(path: Path) -> None:
     """The reduced JPEG decode ingest does for a pHash (stages.imaging.probe_image_bytes)."""
     with Image.open(io.BytesIO(path.read_bytes())) as img:
@@ -161,7 +151,7 @@ def run_floor(root: Path, params: dict[str, Any], keep: set[str] | None = None) 
             rgb = load_coasttrain_image(path, max_pixels)
             now = t.add("decode.npz", now)
         else:
-            rgb = _decode(path, max_pixels)
+            rgb = rgb_array(open_image(path, max_pixels))  # pack's own decode
             fmt = path.suffix.lower().lstrip(".")
             now = t.add(f"decode.{'jpeg' if fmt in ('jpg', 'jpeg') else fmt}", now)
         if item.patches:
