@@ -8,7 +8,7 @@ SCALE ?= 1
 IMAGES ?= 10000
 BENCH_ARGS ?=
 
-.PHONY: venv demo test lint bench release diff clean
+.PHONY: venv demo test lint deps bench release diff clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ test: venv
 
 lint: venv
 	$(PY) -m ruff check .
+
+# Regenerate the `stages/...` deps of dvc.yaml from each stage's import closure (stages/depgraph.py).
+deps: venv
+	$(PY) -m stages.depgraph
 
 # 10k images by default; `make bench IMAGES=2000 BENCH_ARGS=--skip-100k` for a quick run.
 bench: venv

@@ -103,11 +103,12 @@ def preload_modules(fn: Callable[..., Any]) -> list[str]:
     return mods
 
 
-def _local_pool(fn: Callable[..., Any], workers: int) -> ProcessPoolExecutor:
+def _local_pool(fn: Callable[..., Any], workers: int, extra: Sequence[str] = ()) -> ProcessPoolExecutor:
     ctx = multiprocessing.get_context("forkserver")
     # Only effective before the process's forkserver starts (the first pool); later pools reuse
     # that server and its preloaded modules.
-    ctx.set_forkserver_preload(preload_modules(fn))
+    mods = preload_modules(fn)
+    ctx.set_forkserver_preload([*mods, *(m for m in extra if m not in mods)])
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
@@ -125,12 +126,17 @@ class Executor:
     windows, see `cached_map`) does not start workers again each round.
 
     `with Executor(jobs, scheduler) as ex: ex.map(fn, items)`; `map` has parallel_map's contract.
-    The pool (or the Dask client) is created on the first map that needs one.
+    The pool (or the Dask client) is created on the first map that needs one. `preload` names
+    modules the forkserver imports besides the first mapped function's (work functions that live
+    in other modules than the trampoline that calls them).
     """
 
-    def __init__(self, jobs: int | None = 1, scheduler: str | None = None) -> None:
+    def __init__(
+        self, jobs: int | None = 1, scheduler: str | None = None, preload: Sequence[str] = ()
+    ) -> None:
         self.jobs = resolve_jobs(jobs)
         self.scheduler = scheduler
+        self.preload = tuple(preload)
         self._pool: ProcessPoolExecutor | None = None
         self._client: Any = None
 
@@ -174,7 +180,7 @@ class Executor:
                 yield fn(item)
             return
         if self._pool is None:
-            self._pool = _local_pool(fn, self.jobs)
+            self._pool = _local_pool(fn, self.jobs, self.preload)
         size = effective_chunksize(total, n, chunksize)
         limit = max(1, max_in_flight or n * IN_FLIGHT_PER_WORKER)
         pending: deque[Future[list[R]]] = deque()

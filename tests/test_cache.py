@@ -91,10 +91,18 @@ def test_the_switch_turns_the_cache_off(tmp_path: Path, monkeypatch: pytest.Monk
 def test_keys_change_with_settings_inputs_and_code():
     base = work_key("probe", "c1", {"max_pixels": 10}, {"md5": "a"})
     assert base == work_key("probe", "c1", {"max_pixels": 10}, {"md5": "a"})
-    assert len({base, work_key("probe", "c2", {"max_pixels": 10}, {"md5": "a"}),
+    assert (
+        len(
+            {
+                base,
+                work_key("probe", "c2", {"max_pixels": 10}, {"md5": "a"}),
                 work_key("probe", "c1", {"max_pixels": 11}, {"md5": "a"}),
                 work_key("probe", "c1", {"max_pixels": 10}, {"md5": "b"}),
-                work_key("pack", "c1", {"max_pixels": 10}, {"md5": "a"})}) == 5
+                work_key("pack", "c1", {"max_pixels": 10}, {"md5": "a"}),
+            }
+        )
+        == 5
+    )
 
 
 def test_code_version_follows_the_source_of_the_named_modules(

@@ -4,7 +4,6 @@ outputs, byte for byte, when the per-image work runs on a Dask distributed Local
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import socket
 import time
@@ -27,6 +26,7 @@ from stages.executor import (
     preload_modules,
     resolve_jobs,
 )
+from stages.ingest import ingest_source
 from stages.pack import pack_product
 
 # --- work functions (module level: they are pickled by reference) -----------------------------------
@@ -185,13 +185,10 @@ INGEST_SOURCES = ("mermaid", "coasttrain", "seatizen")
 def test_ingest_on_dask_equals_the_local_build_byte_for_byte(
     source: str, cluster: str, fetched_root: Path, tmp_path: Path
 ):
-    adapter = importlib.import_module(f"stages.ingest.{source}")
     outs = {}
     for name, scheduler in (("local", None), ("dask", cluster)):
         ctx = dataclasses.replace(ingest_context(source, fetched_root, tmp_path / name), scheduler=scheduler)
-        tables, extra = adapter.ingest(ctx)
-        tables.write(ctx.out_dir)
-        outs[name] = (ctx.out_dir, tables.metrics(extra))
+        outs[name] = (ctx.out_dir, ingest_source(ctx))
     assert outs["local"][1] == outs["dask"][1]
     assert_same_tree(outs["local"][0], outs["dask"][0])
 
