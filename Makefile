@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 SCALE ?= 1
 IMAGES ?= 10000
+POINTS ?= 100000 1000000
 BENCH_ARGS ?=
 
-.PHONY: venv demo test lint deps bench release diff clean
+.PHONY: venv demo test lint deps bench bench-points release diff clean
 
 venv: $(STAMP)
 
@@ -35,6 +36,11 @@ deps: venv
 # 10k images by default; `make bench IMAGES=2000 BENCH_ARGS=--skip-100k` for a quick run.
 bench: venv
 	$(PY) -m bench.run --images $(IMAGES) $(BENCH_ARGS)
+
+# Points-heavy mode: the table stages at real point counts on small images (bench/points_heavy.py);
+# `make bench-points POINTS="1000000 5000000"`.
+bench-points: venv
+	$(PY) -m bench.points_heavy $(foreach p,$(POINTS),--points $(p)) $(BENCH_ARGS)
 
 release: venv
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
