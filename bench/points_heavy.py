@@ -246,17 +246,29 @@ def measure(root: Path, stage: str, logdir: Path) -> dict[str, Any]:
     }
 
 
-def run_size(points: int, workdir: Path, jobs: int, pack_layout: str, keep: bool) -> dict[str, Any]:
+def run_size(
+    points: int, workdir: Path, jobs: int, pack_layout: str, keep: bool, only: list[str] | None = None
+) -> dict[str, Any]:
     where = workdir / f"p{points}"
-    if where.exists():
-        shutil.rmtree(where)
-    where.mkdir(parents=True)
-    started = time.monotonic()
-    root = build_base(where)
-    added = add_points(root, points, jobs)
+    marker = where / "corpus.json"
+    if keep and marker.exists():
+        # --keep: a corpus an earlier run kept is reused (its stage outputs are overwritten).
+        root = where / "project"
+        added = json.loads(marker.read_text(encoding="utf-8"))
+        log(f"{points} points: reusing the corpus in {where}")
+    else:
+        if where.exists():
+            shutil.rmtree(where)
+        where.mkdir(parents=True)
+        started = time.monotonic()
+        root = build_base(where)
+        added = add_points(root, points, jobs)
+        marker.write_text(json.dumps(added), encoding="utf-8")
+        log(f"{points} points: corpus ready in {time.monotonic() - started:.0f}s ({added})")
     set_params(root, jobs, pack_layout)
-    log(f"{points} points: corpus ready in {time.monotonic() - started:.0f}s ({added})")
     stages = list(STAGES_BEFORE_PACK) + ([] if pack_layout == "skip" else ["pack@reef-points"])
+    if only:
+        stages = [s for s in stages if s in only]
     results = []
     for stage in stages:
         record = measure(root, stage, where / "logs")
@@ -320,10 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/points.json")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--pack-layout", choices=("images", "patches", "skip"), default="images")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch builds")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch corpora (and reuse kept ones)")
+    parser.add_argument("--stage", action="append", help="run only these stages (repeatable)")
     args = parser.parse_args(argv)
     sizes = sorted(set(args.points or [100_000, 1_000_000]))
-    runs = [run_size(n, args.workdir.resolve(), args.jobs, args.pack_layout, args.keep) for n in sizes]
+    runs = [
+        run_size(n, args.workdir.resolve(), args.jobs, args.pack_layout, args.keep, args.stage) for n in sizes
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": runs}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(

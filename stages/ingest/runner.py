@@ -56,7 +56,10 @@ from stages.progress import bar
 TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet")
 WINDOW = 256  # samples per round of work: bounds memory, keeps every worker busy
 DEFAULT_MAX_OUTSIDE_SHARE = 0.05
-ROWS_PER_GROUP = {"samples": 4096, "points": 65536, "quarantine": 65536}
+# Rows per parquet row group: a group is held in memory until written, and a sample row carries
+# kilobytes of label JSON (a MERMAID image's native points), a point row a few hundred bytes.
+ROWS_PER_GROUP = {"samples": 1024, "points": 65536, "quarantine": 65536}
+BATCH_ROWS = {"samples": 128, "points": 4096, "quarantine": 4096}
 
 
 def _call(item: tuple[Any, Any, Cached]) -> tuple[WorkResult, str, int]:
@@ -87,9 +90,14 @@ class _Writers:
     def open(cls, out_dir: Path) -> _Writers:
         return cls(
             out_dir,
-            ParquetStream(out_dir / "samples.parquet", schema.SAMPLES, ROWS_PER_GROUP["samples"]),
-            ParquetStream(out_dir / "points.parquet", schema.POINTS, ROWS_PER_GROUP["points"]),
-            ParquetStream(out_dir / "quarantine.parquet", schema.QUARANTINE, ROWS_PER_GROUP["quarantine"]),
+            *(
+                ParquetStream(out_dir / f"{name}.parquet", table, ROWS_PER_GROUP[name], BATCH_ROWS[name])
+                for name, table in (
+                    ("samples", schema.SAMPLES),
+                    ("points", schema.POINTS),
+                    ("quarantine", schema.QUARANTINE),
+                )
+            ),
         )
 
     def close(self) -> None:
