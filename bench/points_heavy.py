@@ -192,7 +192,7 @@ def add_points(root: Path, points: int, jobs: int) -> dict[str, int]:
         raw = root / "data/raw" / source
         rows = [
             ManifestRow(
-                p.relative_to(raw).as_posix(), p.stat().st_size, file_digest(p, "md5"), "", "synthetic"
+                p.relative_to(raw).as_posix(), p.stat().st_size, file_digest(p, "md5"), "", "synthetic", "md5"
             )
             for p in sorted(raw.rglob("*"))
             if p.is_file() and p.name != "manifest.csv"
