@@ -11,16 +11,22 @@ from pathlib import Path
 import pytest
 from conftest import ingest_context
 
-from stages.ingest import ingest_source, probe
+from stages.ingest import coasttrain_npz, ingest_source, probe
 
 TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet")
 # Sources on the record protocol, and how their probed input files are named in data/raw/<source>.
-PORTED = {"mermaid": lambda key: key.endswith(".png") and not key.endswith("_thumbnail.png")}
+PORTED = {
+    "mermaid": lambda key: key.endswith(".png") and not key.endswith("_thumbnail.png"),
+    "coasttrain": lambda key: key.endswith(".npz"),
+}
+
+
+NAMESPACES = {"coasttrain": coasttrain_npz.NAMESPACE}
 
 
 def _stats(cache: Path, source: str) -> dict:
     doc = json.loads((cache / "stats" / f"ingest@{source}.json").read_text())
-    return doc["namespaces"][probe.IMAGE_NAMESPACE]
+    return doc["namespaces"][NAMESPACES.get(source, probe.IMAGE_NAMESPACE)]
 
 
 def _manifest(root: Path, source: str) -> dict[str, str]:

@@ -90,8 +90,11 @@ def test_every_record_in_params_is_a_zip_with_its_md5(small: tuple[dict, dict]) 
         names = [i.filename for i in z["infos"]]
         assert names == sorted(names)
         assert all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in z["infos"])
-        assert all(re.fullmatch(r"npz/[^/]+\.npz", n) for n in names if n != z["csv_name"])
-        assert len(z["npz"]) == 3  # ceil(6 * 0.5)
+        # npz/x.npz, or x.npz in a Doodler session folder (the planted superseded pair)
+        session = r"(results\d{4}-\d{2}-\d{2}-\d{2}-\d{2}/)?"
+        assert all(re.fullmatch(rf"npz/{session}[^/]+\.npz", n) for n in names if n != z["csv_name"])
+        superseded = [c for c in result["planted"]["superseded_npz"] if c["record"] == record]
+        assert len(z["npz"]) == 3 + len(superseded)  # ceil(6 * 0.5), plus an earlier session's copy
 
 
 def test_csv_mirrors_the_real_metadata(small: tuple[dict, dict]) -> None:
@@ -146,6 +149,8 @@ def test_npz_read_back_as_sources_says(small: tuple[dict, dict]) -> None:
     zips, result = small
     planted = result["planted"]
     pickled = {(p["record"], p["npz"]) for p in planted["pickle_npz"]}
+    not_one_hot = {(p["record"], p["npz"]) for p in planted["not_one_hot"]}
+    superseded = {(p["record"], p["npz"]) for p in planted["superseded_npz"]}
     four_band = set()
     colour_label_absent = 0
     for record, z in zips.items():
@@ -169,6 +174,8 @@ def test_npz_read_back_as_sources_says(small: tuple[dict, dict]) -> None:
             colour_label_absent += "color_label" not in arrays
             # One-hot with K = highest class present + 1, not len(classes).
             assert label.dtype == np.uint8 and label.shape[:2] == (h, w)
+            if (record, member) in not_one_hot:
+                continue
             assert np.all(label.sum(-1) == 1)
             index = label.argmax(-1)
             assert label.shape[2] == index.max() + 1 <= len(classes)
@@ -179,7 +186,7 @@ def test_npz_read_back_as_sources_says(small: tuple[dict, dict]) -> None:
                 final = arrays[key.lstrip("0")]
                 assert final.shape != arrays[key].shape or not np.array_equal(final, arrays[key]), key
             row = rows.get(_basename(member))
-            if row is None:
+            if row is None or (record, member) in superseded:  # the row is the newer session's
                 continue
             assert row["classes_array"] == coasttrain.format_list(list(classes))
             present = sorted(int(v) for v in np.unique(index))
@@ -238,6 +245,22 @@ def test_planted_cases(small: tuple[dict, dict]) -> None:
         assert len(lists) == 2 and set(lists) <= found
     assert any("vegtated_ground" in s for s in planted["mixed_class_lists"]["NAIP_6_001"])
     assert planted["non_ascii_csv"]
+    # Two Doodler sessions of one npz: same name, same image, another label; one CSV row for both.
+    [sup] = planted["superseded_npz"]
+    older, newer = sup["sessions"]
+    assert older < newer and _basename(sup["npz"]) == _basename(sup["kept"])
+    name = _basename(sup["npz"])
+    assert (sup["npz"], sup["kept"]) == (f"npz/{older}/{name}", f"npz/{newer}/{name}")
+    first = _load_all(zips[sup["record"]]["npz"][sup["npz"]])
+    final = _load_all(zips[sup["record"]]["npz"][sup["kept"]])
+    assert np.array_equal(first["orig_image"], final["orig_image"])
+    assert not np.array_equal(first["label"].argmax(-1), final["label"].argmax(-1))
+    names = [_basename(r["annotation_image_filename"]) for r in zips[sup["record"]]["rows"]]
+    assert names.count(_basename(sup["kept"])) == 1
+    # A label that is not one-hot: every channel set at every pixel.
+    [ones] = planted["not_one_hot"]
+    label = _load_all(zips[ones["record"]]["npz"][ones["npz"]])["label"]
+    assert label.shape[2] > 1 and (label == 1).all()
 
 
 def test_tiles_of_one_mosaic_are_neighbours(small: tuple[dict, dict]) -> None:

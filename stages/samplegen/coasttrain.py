@@ -7,6 +7,7 @@ unverified; this is the plausible reading of "one metadata CSV and a folder of n
 
     <real CSV name, e.g. A_naip_meta_served.csv>   latin-1, "\\n" line ends
     npz/<stem>.npz                                  one Doodler output per image
+    npz/results<YYYY-MM-DD-HH-MM>/<stem>.npz        the planted npz labelled in two Doodler sessions
 
 Items: record `R` has `ceil(6 * scale)` npz; npz `i` belongs to site `i // per_site` (an
 orthomosaic, NAIP quad, satellite footprint ...). Tiles of one site are cut from one scene and one
@@ -227,6 +228,11 @@ RECORDS_BY_NAME = {r.name: r for r in RECORDS}
 ORPHANS = {("NAIP_11_001", 1), ("Landsat8_11_001", 1), ("Orthophoto_8_001", 1)}
 PICKLE_ITEM = ("Orthophoto_12_001", 1)
 UNKNOWN_ITEM = ("Orthophoto_9_001", 2)
+# Labelled in two Doodler sessions: the npz lives in the newer session's folder, and an earlier
+# session left its own npz of the same name (another label) in an older folder.
+SUPERSEDED_ITEM = ("Sentinel2_4_001", 0)
+SESSIONS = ("results2022-05-04-14-34", "results2022-05-04-14-40")  # older, newer (Doodler's names)
+NOT_ONE_HOT_ITEM = ("Landsat8_12_001", 2)  # a `label` of all ones: every class at every pixel
 
 _COLOURS: tuple[tuple[tuple[str, ...], tuple[int, int, int]], ...] = (
     (("nodata", "no_data"), (0, 0, 0)),
@@ -478,6 +484,20 @@ def make_npz(job: tuple[str, int]) -> dict:
             _pass_arrays(classes, flat, earlier, pen, old_settings, with_colour_label, "0" * p, key)
         )
 
+    if (record.name, index) == NOT_ONE_HOT_ITEM:
+        arrays["label"] = np.ones_like(final["label"])
+    member = f"npz/{item.stem}.npz"
+    extra_members: list[tuple[str, bytes]] = []
+    if (record.name, index) == SUPERSEDED_ITEM:
+        older, newer = SESSIONS
+        member = f"npz/{newer}/{item.stem}.npz"
+        # The earlier session drew other strokes and got another label; no history of its own.
+        earlier = _quantize(field, present, jitter=0.15)
+        first = _pass_arrays(classes, rgb, earlier, pen, settings, with_colour_label, "", key + "/" + older)
+        first_arrays: dict[str, object] = {"image": first.pop("image"), "orig_image": orig, **first}
+        first_arrays["classes"] = np.asarray(classes)
+        extra_members.append((f"npz/{older}/{item.stem}.npz", npz_bytes(first_arrays)))
+
     pickled = (record.name, index) == PICKLE_ITEM
     if pickled:
         names = ("pen_width", "CRF_theta", "CRF_mu", "CRF_downsample_factor", "Classifier_downsample_factor",
@@ -494,8 +514,9 @@ def make_npz(job: tuple[str, int]) -> dict:
     return {
         "record": record.name,
         "index": index,
-        "member": f"npz/{item.stem}.npz",
+        "member": member,
         "bytes": data,
+        "extra_members": extra_members,
         "row": row,
         "classes": list(classes),
         "bands": int(orig.shape[-1]),
@@ -588,7 +609,10 @@ def generate(out: Path, scale: float = 1.0, jobs: int = 1) -> dict:
 
     checksums: dict[str, str] = {}
     planted: dict = {
-        "layout": {"csv": "<record CSV name> at the zip root, latin-1", "npz": "npz/<stem>.npz"},
+        "layout": {
+            "csv": "<record CSV name> at the zip root, latin-1",
+            "npz": "npz/<stem>.npz (superseded_npz: npz/<Doodler session folder>/<stem>.npz)",
+        },
         "records": {},
         "npz_without_csv_row": [],
         "four_band_npz": [],
@@ -596,10 +620,14 @@ def generate(out: Path, scale: float = 1.0, jobs: int = 1) -> dict:
         "pickle_npz": [],
         "unknown_class": [],
         "non_ascii_csv": [],
+        "superseded_npz": [],
+        "not_one_hot": [],
     }
     for record in RECORDS:
         items = results[record.name]
         members = [(it["member"], it["bytes"]) for it in items]
+        members += [m for it in items for m in it["extra_members"]]
+        members.sort()
         if len({m for m, _ in members}) != len(members):
             raise AssertionError(f"{record.name}: two npz share a name")
         rows = [it["row"] for it in items if it["row"] is not None]
@@ -622,6 +650,13 @@ def generate(out: Path, scale: float = 1.0, jobs: int = 1) -> dict:
                 planted["pickle_npz"].append({**ref, "key": "settings", "why": "settings saved as a dict"})
             if (record.name, it["index"]) == UNKNOWN_ITEM:
                 planted["unknown_class"].append({**ref, "class": UNKNOWN_CLASS})
+            for superseded, _ in it["extra_members"]:
+                planted["superseded_npz"].append(
+                    {"record": record.name, "npz": superseded, "kept": it["member"],
+                     "sessions": list(SESSIONS)}
+                )
+            if (record.name, it["index"]) == NOT_ONE_HOT_ITEM:
+                planted["not_one_hot"].append({**ref, "why": "`label` is all ones"})
             if it["row"] is not None and not it["member"].isascii():
                 planted["non_ascii_csv"].append({**ref, "text": it["member"][4:-4]})
     return {"planted": planted, "checksums": checksums}
