@@ -8,7 +8,7 @@ readable). Per-class counts live here, not in metrics: `dvc exp show` keeps to t
 
 Offline rendering: DVC's default page loads vega, vega-lite and vega-embed from a CDN. The page
 template `.dvc/plots/offline.html` (named by `plots.html_template` in .dvc/config) carries the three
-libraries inline, vendored from their npm packages by `python -m stages.card.plots vendor`, and no
+libraries inline, vendored from their npm packages by `python -m stages.card vendor`, and no
 `{scripts}` placeholder, so DVC's CDN tags are never written. Inline, because DVC writes the page
 wherever `-o` says: a page with relative script paths would break when moved.
 """
@@ -122,7 +122,7 @@ def _version(tgz: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m stages.card.plots",
+        prog="python -m stages.card",
         description="Write .dvc/plots/offline.html from npm tarballs "
         "(npm pack vega@5 vega-lite@5 vega-embed@6).",
     )
@@ -138,6 +138,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.out}: " + ", ".join(f"{n}@{v}" for n, v in versions.items()))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
