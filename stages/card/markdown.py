@@ -334,7 +334,9 @@ def dataset_card(info: ReleaseInfo, has_grid: bool) -> str:
     if jf:
         out += [
             "",
-            "Fields of the `json` member (two levels; `json` means free-form, loaded as written):",
+            "Fields of the `json` member (two levels). `json` marks free-form values (maps keyed by ids or "
+            "names, mixed types): Hugging Face loads them with its `Json` feature, which keeps floats to 10 "
+            "decimal places; the shard's `json` member has them in full.",
             "",
         ]
         out += _table(["field", "type"], [[f"`{p}`", t] for p, t in jf])
