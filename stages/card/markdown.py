@@ -22,7 +22,6 @@ LIST_LIMIT = 20  # class names listed in a warning before "and N more"
 
 def card_header(info: ReleaseInfo) -> dict[str, Any]:
     kind = KINDS.get(info.kind, {})
-    counts = info.split_counts()
     present = info.present_splits
     header: dict[str, Any] = {
         "pretty_name": f"tidepool {info.name}",
@@ -40,7 +39,6 @@ def card_header(info: ReleaseInfo) -> dict[str, Any]:
         header["dataset_info"] = {
             "config_name": "default",
             "features": member_features(info.members, info.scan.json_types),
-            "splits": [{"name": s, "num_examples": counts[s]["samples"]} for s in present],
         }
     if not info.redistributable:
         header["tags"].append("not-redistributable")
