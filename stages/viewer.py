@@ -3,7 +3,7 @@
 No server, no script, no CDN: one HTML file with its style inline and a `thumbs/` folder beside it,
 so it opens from the file system wherever the product folder is copied (dvc get/import included).
 It shows the classes with their counts per split and, per class, a grid of example thumbnails (the
-examples `stages.card` chose: smallest hash of the sample key, up to `info.EXAMPLES_PER_CLASS` per
+examples `stages.card` chose: smallest hash of (class, sample key), up to `info.EXAMPLES_PER_CLASS` per
 class, so the page is deterministic and bounded). Each thumbnail is captioned with its sample id,
 source, split and labels; reef-points marks its point; segmentation products overlay the mask (a
 separate PNG, so a checkbox can hide it with CSS alone).
@@ -184,7 +184,7 @@ def write_viewer(info: ReleaseInfo, out_dir: Path) -> list[Path]:
 <header><h1>tidepool {html.escape(info.name)}</h1>
 <p>{info.total_samples} samples ({summary}); {shown} example thumbnails, up to
 {len(max((info.scan.examples.get(i) or [] for i, _, _ in classes), key=len, default=[]))} per class,
-chosen by a hash of the sample key.{more} Thumbnails are {THUMB_SIDE} px; the shards hold the full
+chosen by a hash of the class and sample key.{more} Thumbnails are {THUMB_SIDE} px; the shards hold the full
 pictures. <a href="../README.md" style="color:#fff">Dataset card</a></p></header>
 {toggle}
 <div class="layout">

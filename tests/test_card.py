@@ -328,7 +328,7 @@ def test_plot_data_is_one_file_of_class_split_count(written):
 def test_example_grid_and_viewer(written):
     folder = written["folder"]
     grid = Image.open(folder / "examples.png")
-    assert grid.mode == "RGB" and grid.height == 3 * (96 + 4) + 4  # one row per class with samples
+    assert grid.mode == "P" and grid.height == 3 * (80 + 4) + 4  # one row per class with samples
     page = (folder / "viewer" / "index.html").read_text()
     assert "http://" not in page and "https://" not in page and "<script" not in page
     thumbs = sorted(p.name for p in (folder / "viewer" / "thumbs").iterdir())

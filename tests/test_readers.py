@@ -371,7 +371,7 @@ def load_page(browser: Any, path: Path) -> list[dict[str, Any]]:
 
 
 def expected_thumbnails(folder: Path, k: int = card.info.EXAMPLES_PER_CLASS) -> dict[str, list[str]]:
-    """class name -> the keys the viewer must show: the k smallest key hashes among its samples."""
+    """class name -> the keys the viewer must show: the k smallest hashes of (class, key)."""
     classes = json.loads((folder / "classes.json").read_text())
     members: dict[int, list[str]] = {}
     for shard in sorted(folder.glob("*.tar")):
@@ -387,7 +387,7 @@ def expected_thumbnails(folder: Path, k: int = card.info.EXAMPLES_PER_CLASS) -> 
             for c in found:
                 members.setdefault(c, []).append(sample["__key__"])
     names = {e["index"]: e["name"] for e in classes["classes"]}
-    return {names[c]: sorted(keys, key=lambda x: (key_rank(x), x))[:k] for c, keys in members.items()}
+    return {names[c]: sorted(keys, key=lambda x: (key_rank(x, c), x))[:k] for c, keys in members.items()}
 
 
 def test_viewer_renders_every_thumbnail_without_console_errors(corpus, truth, browser, tmp_path):

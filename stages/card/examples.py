@@ -1,6 +1,6 @@
 """Example pictures of a product: the card's grid (`examples.png`) and the viewer's thumbnails.
 
-Examples are the samples with the smallest hash of their key per class (info.scan_shards), so the
+Examples are the samples with the smallest hash of (class, key) per class (info.scan_shards), so the
 choice is deterministic and mostly survives growth. Pixels are drawn with fixed resampling and
 encoder settings: the same shards give the same bytes.
 """
@@ -20,8 +20,9 @@ from stages.errors import UpstreamFormatError
 GRID_FILE = "examples.png"
 GRID_CLASSES = 12  # rows of the card's grid: the classes with most samples
 GRID_PER_CLASS = 4
-GRID_CELL = 96
-GRID_LABEL = 220
+GRID_CELL = 80
+GRID_LABEL = 180
+GRID_COLOURS = 128  # a palette PNG keeps the grid small
 RESAMPLE = Image.Resampling.BILINEAR
 MASK_ALPHA = 110
 # Distinct colours for mask classes (Okabe-Ito, then Tableau), repeated past 18 classes.
@@ -135,7 +136,7 @@ def grid_rows(info: ReleaseInfo, limit: int = GRID_CLASSES) -> list[tuple[int, s
 
 
 def example_grid(info: ReleaseInfo, out_dir: Path) -> Image.Image | None:
-    """A few examples per class, one row per class, masks overlaid and points marked."""
+    """A few examples per class, one row per class, masks overlaid and points marked (palette PNG)."""
     rows = grid_rows(info)
     if not rows or info.image_ext is None:
         return None
@@ -155,7 +156,8 @@ def example_grid(info: ReleaseInfo, out_dir: Path) -> Image.Image | None:
             draw_marks(img, point_marks(ref.doc))
             left = GRID_LABEL + c * (GRID_CELL + 4) + (GRID_CELL - img.width) // 2
             grid.paste(img, (left, top + (GRID_CELL - img.height) // 2))
-    return grid
+    # Median cut without dithering: deterministic, and a quarter of the RGB PNG's size.
+    return grid.quantize(GRID_COLOURS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -158,10 +158,11 @@ def plan_members(product: dict[str, Any], out_dir: Path) -> list[str]:
     return sorted(str(k) for k in fields)
 
 
-def key_rank(key: str) -> int:
-    """The deterministic order examples are chosen in: a hash of the sample key, so a release that
-    adds samples keeps most of its examples."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+def key_rank(key: str, cls: int) -> int:
+    """The deterministic order examples of class `cls` are chosen in: a hash of the class and the
+    sample key, so a release that adds samples keeps most of its examples, and a multilabel sample
+    is not the first example of every class it has."""
+    return int.from_bytes(hashlib.sha256(f"{cls}\0{key}".encode()).digest()[:8], "big")
 
 
 def sample_classes(doc: dict[str, Any], cls: int | None, names: dict[str, int]) -> tuple[int, ...]:
@@ -189,17 +190,16 @@ def sample_classes(doc: dict[str, Any], cls: int | None, names: dict[str, int]) 
 
 
 class _Examples:
-    """Per class, the `k` samples with the smallest key rank (a bounded max-heap each)."""
+    """Per class, the `k` samples with the smallest `key_rank` (a bounded max-heap each)."""
 
     def __init__(self, k: int) -> None:
         self.k = k
         self.heaps: dict[int, list[tuple[int, str, SampleRef]]] = {}
 
     def offer(self, ref: SampleRef) -> None:
-        rank = key_rank(ref.key)
         for c in ref.classes:
             heap = self.heaps.setdefault(c, [])
-            item = (-rank, ref.key, ref)
+            item = (-key_rank(ref.key, c), ref.key, ref)
             if len(heap) < self.k:
                 heapq.heappush(heap, item)
             elif item > heap[0]:

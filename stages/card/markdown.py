@@ -255,8 +255,8 @@ def dataset_card(info: ReleaseInfo, has_grid: bool) -> str:
             "",
             f"![Examples: up to {GRID_PER_CLASS} per class for the most frequent classes]({GRID_FILE})",
             "",
-            f"Examples are chosen by a hash of the sample key (stable across builds). Browse more in "
-            f"[{VIEWER}]({VIEWER}) (a static page: open it from the folder, no server needed).",
+            f"Examples are chosen by a hash of the class and sample key (stable across builds). Browse "
+            f"more in [{VIEWER}]({VIEWER}) (a static page: open it from the folder, no server needed).",
         ]
 
     out += ["", "## Licence", ""]
