@@ -75,7 +75,11 @@ def release_md5s(root: Path) -> dict[str, dict[str, str]]:
     out = {}
     for product in sorted(p.name for p in (root / "data" / "release").iterdir() if p.is_dir()):
         folder = root / "data" / "release" / product
-        out[product] = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}  # noqa: S324
+        files = sorted(f for f in folder.rglob("*") if f.is_file())  # the viewer/ and croissant/ folders too
+        out[product] = {
+            f.relative_to(folder).as_posix(): hashlib.md5(f.read_bytes()).hexdigest()  # noqa: S324
+            for f in files
+        }
     return out
 
 
