@@ -10,7 +10,7 @@ lie
 - `examples.png`: a few examples per class for the card (`examples.py`);
 - `croissant.json`: Croissant 1.1 JSON-LD (`croissant.py`), and the `croissant/<product>-<digest>/`
   folder its contentUrls pass through (see croissant.py for why);
-- `viewer/`: a static page of examples per class (`stages/viewer.py`);
+- `viewer/`: a static page of examples per class (`viewer.py`);
 
 and, outside the product, the class counts for `dvc plots` (`metrics/plots/classes/<product>.csv`,
 columns `class,split,count`; `plots.py`).
@@ -31,6 +31,7 @@ from stages.card.examples import GRID_FILE, example_grid, png_bytes
 from stages.card.info import ReleaseInfo, gather
 from stages.card.markdown import card_header, dataset_card, snippets
 from stages.card.plots import class_distribution, write_plot
+from stages.card.viewer import write_viewer
 from stages.fsutil import write_bytes, write_json, write_text
 
 CARD = "README.md"
@@ -85,8 +86,6 @@ def write_docs(
 ) -> list[Path]:
     """Write the card, its example grid, croissant.json, the viewer into `out_dir` (and the plot CSV
     to `plots_file`). Returns the paths written."""
-    from stages.viewer import write_viewer  # the viewer builds on this package's modules
-
     info = gather(out_dir, root, params, metrics)
     grid = example_grid(info, out_dir)
     if grid is not None:

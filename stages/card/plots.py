@@ -137,4 +137,3 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.out, html_template(tarballs, versions))
     print(f"{args.out}: " + ", ".join(f"{n}@{v}" for n, v in versions.items()))
     return 0
-
