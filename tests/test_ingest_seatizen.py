@@ -25,7 +25,7 @@ from stages.errors import UpstreamFormatError
 from stages.ingest import ingest_source, seatizen, seatizen_masks
 from stages.ingest.seatizen_csv import META_COLUMNS
 from stages.ingest.seatizen_labels import BENTHIC_KINDS
-from stages.samplegen.seatizen import LATE_CAMPAIGN, LATE_CLASSES, session_spec
+from stages.samplegen.seatizen import LATE_CAMPAIGN, LATE_CLASSES, UNKNOWN_CLASS, session_spec
 
 CSV_NAME = "20241016_132819_multilabel_annotations.csv"
 JSON_NAME = "20241018_segmentation_annotations.json"
@@ -132,7 +132,8 @@ def result(fetched_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     out = tmp_path_factory.mktemp("seatizen-out")
     tables, extra, ctx = run(fetched_root, out, jobs=2)
     samples = {s["upstream_id"]: s for s in tables.samples}
-    return {"tables": tables, "extra": extra, "ctx": ctx, "out": out, "samples": samples}
+    seg = json.loads((fetched_root / "data" / "raw" / "seatizen" / JSON_NAME).read_text())
+    return {"tables": tables, "extra": extra, "ctx": ctx, "out": out, "samples": samples, "segmentation": seg}
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +178,79 @@ def test_nothing_else_is_quarantined(result: dict[str, Any], planted: dict[str, 
     assert q == {
         "missing_image": len(planted["csv_row_without_image"]),
         "no_annotation": len(planted["image_without_csv_row"]),
+        "unknown_class": 1,  # the planted Algae column
     }
     assert result["extra"]["inputs"]["annotation_row"] == planted["csv_rows"]
     assert result["extra"]["inputs"]["image"] == planted["images_in_zip"]
+    assert result["extra"]["inputs"]["mask"] == len(result["segmentation"]["images"]) + 1  # + the raster
+
+
+EXPECTED_ODD = {  # form in the sample record -> (form of the grammar, session of its first frame)
+    "country_without_place": ("still", "20190420_MYT_scuba"),
+    "place_of_several_words": ("video_frame", "20221021_MUS-Le-Morne-Saint-Jacques_paddle-2_10"),
+    "numbered_platform_one_token": ("still", "20210618_ATF-Europa_ASV-01"),
+    "still_photos": ("still", "20150611_REU-St-Gilles_scuba"),
+    "four_token_rest": ("video_frame", "20220305_SYC-Mahe_MASK_ses_2_GX030120"),
+    "fits_no_rule": ("other", "odm_orthophoto"),
+}
+
+
+def test_odd_names_of_every_form_are_samples_grouped_by_session(
+    result: dict[str, Any], planted: dict[str, Any]
+) -> None:
+    assert set(planted["odd_names"]) == set(EXPECTED_ODD)
+    for kind, names in planted["odd_names"].items():
+        form, session = EXPECTED_ODD[kind]
+        for name in names:
+            s = result["samples"][name]
+            assert (json.loads(s["native_labels"])["name"]["form"], s["session"]) == (form, session), name
+    assert result["extra"]["names"]["other"] == len(planted["odd_names"]["fits_no_rule"])
+    assert result["extra"]["names"]["odd_examples"] == sorted(planted["odd_names"]["fits_no_rule"])
+    mayotte = result["samples"]["20190420_MYT_scuba_DSCI1495.JPG"]
+    assert (mayotte["site"], mayotte["captured_at"]) == ("MYT", "2019-04-20")
+
+
+def test_the_raster_mask_attaches_through_its_colour_table(
+    result: dict[str, Any], planted: dict[str, Any], fetched_root: Path
+) -> None:
+    case = planted["raster_mask"]
+    s = result["samples"][case["image"]]
+    assert s["mask_path"] == f"data/interim/seatizen/masks/{s['sample_id']}.png"
+    native = json.loads(s["native_labels"])
+    raw = fetched_root / "data" / "raw" / "seatizen"
+    assert native["raster_mask"] == {
+        "file": f"data/raw/seatizen/{case['zip_member']}",
+        "colour_table": f"data/raw/seatizen/{case['colour_table']}",
+    }
+    doc = json.loads((result["ctx"].out_dir / "mask_classes.json").read_text())
+    value = {c["seatizen_class"]: c["value"] for c in doc["classes"][1:]}
+    table = {
+        (int(r["red"]), int(r["green"]), int(r["blue"])): r["seatizen_class"]
+        for r in csv.DictReader((REPO_TABLE.parent / "raster_classes.csv").open())
+    }
+    ids = np.asarray(Image.open(raw / case["zip_member"]))
+    expected = np.zeros(ids.shape, dtype=np.uint8)
+    for line in (raw / case["colour_table"]).read_text().splitlines():
+        v, r, g, b, a = line.split()
+        if v not in ("nan", "-9999") and int(a):
+            expected[ids == int(v)] = value[table[(int(r), int(g), int(b))]]
+    got = np.asarray(Image.open(result["out"] / s["mask_path"]))
+    assert got.shape == (s["height"], s["width"]) and (got == expected).all()
+    assert set(np.unique(got).tolist()) == {0, *(value[c] for c in table.values())}
+    assert result["extra"]["masks_written"]["from_raster"] == 1
+
+
+def test_the_unknown_class_column_is_quarantined_with_its_counts(
+    result: dict[str, Any], planted: dict[str, Any]
+) -> None:
+    col = planted["unknown_class_column"]
+    rows = [q for q in result["tables"].quarantine if q["record_kind"] == "class"]
+    assert [(q["record_id"], q["reason"], Path(q["file"]).name) for q in rows] == [
+        (col["name"], "unknown_class", CSV_NAME)
+    ]
+    assert result["extra"]["unknown_classes"] == {
+        col["name"]: {"files": 1, "not_annotated": 0, "present": col["present"], "values": col["values"]}
+    }
 
 
 def test_inputs_equal_samples_plus_quarantine(result: dict[str, Any]) -> None:
@@ -192,8 +263,9 @@ def test_ids_schema_and_columns(result: dict[str, Any]) -> None:
         assert s["sample_id"].isascii() and "." not in s["sample_id"]
         assert s["sample_id"].startswith("seatizen-") and s["source"] == "seatizen"
         assert s["image_path"] == f"data/raw/seatizen/2024_dataset/{s['upstream_id']}"
-        assert s["captured_at"] == "-".join(
-            (s["upstream_id"][:4], s["upstream_id"][4:6], s["upstream_id"][6:8])
+        dated = s["upstream_id"][:8].isdigit()
+        assert s["captured_at"] == (
+            "-".join((s["upstream_id"][:4], s["upstream_id"][4:6], s["upstream_id"][6:8])) if dated else None
         )
         assert s["license"].startswith("CC-BY-4.0") and "Seatizen" in s["attribution"]
     assert seatizen.sample_id_for("20210618_ATF-Europa_ASV-00_GX024250_004.jpeg") == (
@@ -261,13 +333,14 @@ def test_sessions_group_consecutive_frames(result: dict[str, Any], planted: dict
         assert {(n["platform"], n["platform_number"]) for n in names} == {
             tuple(spec["platform"].split("-")) if "-" in spec["platform"] else (spec["platform"], None)
         }
-    assert result["extra"]["sessions"] == planted["sessions"] + 1  # + the cross-source session
+    # + the cross-source session and the odd-name sessions
+    assert result["extra"]["sessions"] == planted["sessions"] + 1 + len(planted["odd_names"])
 
 
 def test_every_class_column_is_crosswalked(fetched_root: Path, result: dict[str, Any]) -> None:
     header, _ = read_csv(fetched_root / "data" / "raw" / "seatizen" / CSV_NAME)
     table = {r["seatizen_class"]: r for r in csv.DictReader(REPO_TABLE.open(encoding="utf-8"))}
-    classes = [c for c in header if c not in META_COLUMNS]
+    classes = [c for c in header if c not in META_COLUMNS and c != UNKNOWN_CLASS]
     assert classes and not [c for c in classes if c not in table]
     for name in ("Fish", "Turtle", "Homo_Sapiens", "Human_Object", "Waste", "Trample"):
         assert table[name]["kind"] == "non_benthic"
@@ -407,10 +480,7 @@ def test_compressed_rle_in_the_json_gives_the_same_mask(
             a["segmentation"]["counts"] = rle_to_string_reference(a["segmentation"]["counts"])
     path.write_text(json.dumps(doc))
     tables, extra, _ = run(root)
-    assert (
-        extra["masks_written"].get("compressed_rle") == 1
-        and "rle" not in extra["masks_written"]
-    )
+    assert extra["masks_written"].get("compressed_rle") == 1 and "rle" not in extra["masks_written"]
     s = result["samples"][planted["rle_annotation_image"]]
     assert (root / s["mask_path"]).read_bytes() == (result["out"] / s["mask_path"]).read_bytes()
 
@@ -428,7 +498,7 @@ def test_two_runs_are_byte_identical(fetched_root: Path, tmp_path: Path, result:
         assert (first / f).read_bytes() == (second / f).read_bytes(), f
 
 
-def test_bad_records_are_quarantined(fetched_root: Path, tmp_path: Path) -> None:
+def test_bad_records_are_quarantined(fetched_root: Path, tmp_path: Path, result: dict[str, Any]) -> None:
     root = copy_project(fetched_root, tmp_path / "p")
     raw = root / "data" / "raw" / "seatizen"
     header, rows = read_csv(raw / CSV_NAME)
@@ -458,7 +528,10 @@ def test_bad_records_are_quarantined(fetched_root: Path, tmp_path: Path) -> None
         None,
         "other",
     )
-    assert extra["names"]["other"] == 1 and extra["names"]["odd_examples"] == [renamed]
+    assert (
+        extra["names"]["other"] == result["extra"]["names"]["other"] + 1
+        and renamed in extra["names"]["odd_examples"]
+    )
     assert reasons[("image", "notes.txt")] == "no_annotation"
     assert dup[0] in {s["upstream_id"] for s in tables.samples}
     dup_line = len(rows) + 1  # the appended copy: the header is line 1
@@ -481,12 +554,11 @@ def test_names_that_all_fit_no_rule_never_abort_the_source(
     write_csv(raw / CSV_NAME, header, rows)
     tables, extra, _ = run(root)
     assert len(tables.samples) == len(result["samples"])
-    assert extra["names"]["partial"] == len(tables.samples)
-    for s in tables.samples:  # the coarsest key that can be read: the date
-        assert (
-            s["session"] == s["upstream_id"][:8]
-            and s["captured_at"] == json.loads(s["native_labels"])["name"]["date"]
-        )
+    dated = [s for s in tables.samples if s["upstream_id"][:8].isdigit()]
+    assert extra["names"]["partial"] == len(dated) == len(tables.samples) - extra["names"]["other"]
+    for s in dated:  # the coarsest key that can be read: the date
+        native = json.loads(s["native_labels"])["name"]
+        assert (s["session"], s["captured_at"]) == (s["upstream_id"][:8], native["date"])
     assert_every_input_lands_once(tables, extra)
 
 
@@ -498,7 +570,9 @@ def test_unknown_class_column_is_quarantined_and_the_rest_ingested(
     header, rows = read_csv(raw / CSV_NAME)
     write_csv(raw / CSV_NAME, [*header, "Seahorse"], [[*r, str(i % 2)] for i, r in enumerate(rows)])
     tables, extra, _ = run(root)
-    unknown = [q for q in tables.quarantine if q["record_kind"] == "class"]
+    unknown = [
+        q for q in tables.quarantine if q["record_kind"] == "class" and q["record_id"] != UNKNOWN_CLASS
+    ]
     assert [(q["record_id"], q["reason"], Path(q["file"]).name) for q in unknown] == [
         ("Seahorse", "unknown_class", CSV_NAME)
     ]
@@ -754,7 +828,11 @@ def test_property_inputs_equal_samples_plus_quarantine(pristine: Path, data: st.
         shutil.copytree(pristine, root)
         raw = root / "data" / "raw" / "seatizen"
         header, rows = read_csv(raw / CSV_NAME)
-        images = sorted(p.name for p in (raw / "2024_dataset").iterdir())
+        images = sorted(
+            p.name
+            for p in (raw / "2024_dataset").iterdir()
+            if p.name != "color.txt" and not p.name.startswith("annotation_mask_")
+        )
         n = len(rows)
         idx = st.integers(0, n - 1)
         drop_rows = data.draw(st.sets(idx, max_size=4))

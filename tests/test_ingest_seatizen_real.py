@@ -452,3 +452,16 @@ def test_a_raster_of_another_size_or_with_an_unlisted_value_is_quarantined(
     assert "differs from the image" in bad[tif.name]
     assert result["metrics"]["samples"] == 3
     assert result["metrics"]["masks_written"] == {"total": 1, "from_raster": 1}
+
+
+def test_a_broken_colour_table_refuses_only_the_masks_that_use_it(
+    rasters: dict[str, Any], tmp_path: Path
+) -> None:
+    root = tmp_path / "p"
+    shutil.copytree(rasters["root"], root, ignore=shutil.ignore_patterns("interim"))
+    (root / "data" / "raw" / "seatizen" / "2024_dataset" / "color.txt").write_text("1 red green blue\n")
+    result = ingest(root)
+    bad = [q for q in result["quarantine"] if q["record_kind"] == "mask"]
+    assert len(bad) == 3 and {q["reason"] for q in bad} == {"bad_record"}
+    assert all("color.txt: line 1: expected `value R G B A`" in q["detail"] for q in bad)
+    assert result["metrics"]["samples"] == 3 and result["metrics"]["masks_written"] == {"total": 0}

@@ -543,13 +543,17 @@ def _mask_values(
         if cat["value"] is not None:
             by_class.setdefault(cat["class"], cat["value"])
             top = max(top, cat["value"])
-    tables = (
-        {k: read_colour_table(p) for k, p in sorted(folder.colour_tables.items())} if folder.rasters else {}
-    )
+    tables: dict[str, Any] = {}
+    for key, path in sorted(folder.colour_tables.items()) if folder.rasters else ():
+        try:
+            tables[key] = read_colour_table(path)
+        except UpstreamFormatError as exc:
+            tables[key] = exc.problem  # only the masks that use it are refused
     used = sorted(
         {
             raster_classes.by_colour[row.rgba[:3]][1]
             for rows in tables.values()
+            if not isinstance(rows, str)
             for row in rows
             if row.rgba[3] != 0 and row.rgba[:3] in raster_classes.by_colour
         }
@@ -682,6 +686,10 @@ def _raster_masks(
             )
             continue
         table_rel = ctx.rel(folder.colour_tables[table])
+        if isinstance(values.tables[table], str):
+            problem = values.tables[table]
+            yield Quarantine("mask", key, rel, "bad_record", f"its colour table {table_rel}: {problem}")
+            continue
         lut = []
         for row in values.tables[table]:
             if row.rgba[3] == 0:
