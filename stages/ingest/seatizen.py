@@ -416,9 +416,9 @@ def records(ctx: IngestContext, report: Report) -> Iterator[Record]:
             )
 
         # Masks: the JSON's entries, then raster masks beside the images.
-        values = _mask_values(seg, folder, raster_classes, crosswalk, image_root)
+        values = _mask_values(seg, folder, raster_classes)
         yield from _json_masks(ctx, report, seg, seg_path, candidates, seen, folder)
-        yield from _raster_masks(ctx, report, folder, candidates, seen, image_root, raster_classes, values)
+        yield from _raster_masks(ctx, report, folder, candidates, raster_classes, values)
         report.files[MASK_CLASSES] = dumps_json(
             _mask_classes_doc(ctx, seg, seg_path, values, crosswalk, raster_classes)
         ).encode()
@@ -534,9 +534,7 @@ class _Values:
     tables: dict[str, list[Any]] = field(default_factory=dict)  # colour table key -> its rows
 
 
-def _mask_values(
-    seg: Segmentation | None, folder: _Folder, raster_classes: RasterClasses, crosswalk: Crosswalk, root: Path
-) -> _Values:
+def _mask_values(seg: Segmentation | None, folder: _Folder, raster_classes: RasterClasses) -> _Values:
     by_class: dict[str, int] = {}
     top = 0
     for cat in seg.categories if seg else ():
@@ -637,8 +635,6 @@ def _raster_masks(
     report: Report,
     folder: _Folder,
     candidates: dict[str, _Candidate],
-    seen: dict[str, str],
-    root: Path,
     raster_classes: RasterClasses,
     values: _Values,
 ) -> Iterator[Quarantine]:
