@@ -153,6 +153,22 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _array(values: Any, kinds: str) -> np.ndarray | None:
+    """A flat list of JSON numbers as one numpy array (checked in C, not per value in Python);
+    None when it is not a list, or holds anything but numbers of `kinds` (i: int, f: float)."""
+    if not isinstance(values, list):
+        return None
+    if not values:
+        return np.zeros(0)
+    try:
+        arr = np.array(values)
+    except (ValueError, TypeError, OverflowError):
+        return None  # ragged or nested
+    if arr.ndim != 1 or arr.dtype.kind not in kinds:
+        return None  # strings, booleans, objects, nested lists
+    return arr
+
+
 def normalise_segmentation(seg: Any, h: int, w: int) -> tuple[str, tuple[Any, ...]] | None:
     """(encoding, data) of one annotation's segmentation; None = degenerate; ValueError = unusable."""
 
@@ -162,10 +178,11 @@ def normalise_segmentation(seg: Any, h: int, w: int) -> tuple[str, tuple[Any, ..
             raise ValueError(f"RLE size {size!r} differs from the image's [height, width] = [{h}, {w}]")
         if isinstance(counts, str):
             return "compressed_rle", counts
-        if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            if sum(counts) != h * w or any(c < 0 for c in counts):
-                raise ValueError(f"RLE runs sum to {sum(counts)}, expected {h}x{w} = {h * w}")
-            return "rle", tuple(counts)
+        runs = _array(counts, "i")
+        if runs is not None:
+            if int(runs.sum()) != h * w or (runs < 0).any():
+                raise ValueError(f"RLE runs sum to {int(runs.sum())}, expected {h}x{w} = {h * w}")
+            return "rle", tuple(runs.tolist())
         raise ValueError("RLE counts are neither a list of integers nor a compressed string")
 
     if isinstance(seg, dict):
@@ -179,20 +196,23 @@ def normalise_segmentation(seg: Any, h: int, w: int) -> tuple[str, tuple[Any, ..
         if len(encodings) > 1:
             raise ValueError("segmentation mixes compressed and uncompressed RLE")
         return encodings.pop(), tuple(d for _, d in parts)
-    if seg and all(_number(v) for v in seg):
+    if seg and _number(seg[0]):
         seg = [seg]  # one flat polygon, as some exporters write it
     polygons = []
-    lo_x, hi_x, lo_y, hi_y = -FAR_OUTSIDE * w, (1 + FAR_OUTSIDE) * w, -FAR_OUTSIDE * h, (1 + FAR_OUTSIDE) * h
     for poly in seg:
-        if not isinstance(poly, list) or not all(_number(v) for v in poly):
+        arr = _array(poly, "if")
+        if arr is None or not np.isfinite(arr).all():
             raise ValueError("polygon is not a list of finite numbers")
-        if len(poly) % 2:
-            raise ValueError(f"polygon has an odd number of coordinates ({len(poly)})")
-        for x, y in zip(poly[::2], poly[1::2]):
-            if not (lo_x <= x <= hi_x and lo_y <= y <= hi_y):
-                raise ValueError(f"polygon vertex ({x:g}, {y:g}) lies far outside the {w}x{h} image")
-        if len(poly) >= 6:
-            polygons.append(tuple(float(v) for v in poly))
+        if len(arr) % 2:
+            raise ValueError(f"polygon has an odd number of coordinates ({len(arr)})")
+        xs, ys = arr[0::2], arr[1::2]
+        far = (xs < -FAR_OUTSIDE * w) | (xs > (1 + FAR_OUTSIDE) * w)
+        far |= (ys < -FAR_OUTSIDE * h) | (ys > (1 + FAR_OUTSIDE) * h)
+        if far.any():
+            k = int(np.argmax(far))
+            raise ValueError(f"polygon vertex ({xs[k]:g}, {ys[k]:g}) lies far outside the {w}x{h} image")
+        if len(arr) >= 6:
+            polygons.append(tuple(arr.astype(np.float64).tolist()))
     return ("polygon", tuple(polygons)) if polygons else None
 
 
