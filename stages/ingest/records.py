@@ -91,9 +91,23 @@ class Sample:
     points_file: str = ""  # where the point records came from (their quarantine rows' `file`)
     native_points_key: str | None = None  # native_labels[key] := the kept points' `native`, sorted
     on_unusable: list[Quarantine] = field(default_factory=list)  # also quarantined if the image is
-    # Called in the main process with the work's result: returns more columns, or a Quarantine for
-    # the image (its points then go as image_unusable). Needed where labels come from the pixels.
-    build: Callable[[WorkResult], dict[str, Any] | Quarantine] | None = None
+    # Kinds of other input records that end in this sample when it is kept (Seatizen: its CSV row),
+    # one record each: the runner counts them as kept, as it counts the image itself.
+    consumes: tuple[str, ...] = ()
+    # Called in the main process with the work's result: returns more columns (or a Built), or a
+    # Quarantine for the image (its points then go as image_unusable). Needed where labels come
+    # from the pixels.
+    build: Callable[[WorkResult], dict[str, Any] | Built | Quarantine] | None = None
+
+
+@dataclass(frozen=True)
+class Built:
+    """What `Sample.build` gives for a kept image when records beside it depend on the result
+    (Seatizen: the image's mask is attached, or refused while the image stays)."""
+
+    columns: dict[str, Any]
+    consumed: tuple[str, ...] = ()  # kinds of further input records that end in this sample
+    quarantine: tuple[Quarantine, ...] = ()  # further input records refused though the image is kept
 
 
 Record = Sample | Quarantine
@@ -105,3 +119,9 @@ class Report:
 
     inputs: Counter[str] = field(default_factory=Counter)  # input records per record_kind
     extra: dict[str, Any] = field(default_factory=dict)  # source-specific metrics
+    # Files beside the tables (e.g. a class list), by name under out_dir: written by the runner,
+    # so they are not swept away as stale.
+    files: dict[str, bytes] = field(default_factory=dict)
+    # Called once every sample is finished (after the last `Sample.build`): more metrics for
+    # `extra`, for counts that only the kept samples can give.
+    after: Callable[[], dict[str, Any]] | None = None

@@ -7,7 +7,9 @@ all sources:
   the work cache (stages/cache.py) by the digest of the bytes it reads, so a rebuild after growth
   decodes only new and changed images (counted in the cache stats file, not in metrics);
 - the image's own verdict: an unusable image (its work's problem, or `Sample.build`'s) is one
-  quarantine row, its points go as `image_unusable`, its `on_unusable` rows with it;
+  quarantine row, its points go as `image_unusable`, its `on_unusable` rows with it; a kept one
+  also keeps the records it `consumes` (a CSV row), and a `Built` from `Sample.build` can keep or
+  refuse records that hang on the result (a mask that fits the image or does not);
 - points against the image: outside `0 <= row < H, 0 <= col < W` -> `point_outside_image`; more
   than `ingest.max_outside_share` of them outside -> the image and all its points as
   `geometry_mismatch` (the points were made for another image, and the ones inside would be cut at
@@ -21,7 +23,8 @@ all sources:
 - accounting: for every record kind, inputs (`report.inputs`) == rows it ended as (samples, points)
   + quarantine rows of that kind, or the stage fails (a bug, not bad input);
 - metrics: counts, quarantine by reason, classes counted from the written points table with a
-  pyarrow group-by, plus the adapter's `report.extra`.
+  pyarrow group-by, plus the adapter's `report.extra` (and `report.after()`, called once the last
+  sample is finished); `report.files` are written beside the tables.
 
 Memory: one window of samples (and their points) at a time, the tables' current row group, and
 per point one 8-byte id hash (the uniqueness check). No table is ever held as Python objects.
@@ -50,7 +53,7 @@ from stages.fsutil import ParquetStream, write_bytes
 from stages.ingest.common import dumps_labels, point_cover_labels
 from stages.ingest.context import IngestContext
 from stages.ingest.probe import Cached
-from stages.ingest.records import Point, Quarantine, Record, Report, Sample, WorkResult
+from stages.ingest.records import Built, Point, Quarantine, Record, Report, Sample, WorkResult
 from stages.progress import bar
 
 TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet")
@@ -183,12 +186,14 @@ class _Run:
             self._unusable(sample, *result.problem)
             return
         extra: dict[str, Any] = {}
+        also = Built({})
         if sample.build is not None:
             built = sample.build(result)
             if isinstance(built, Quarantine):
                 self._unusable(sample, built.reason, built.detail)
                 return
-            extra = built
+            also = built if isinstance(built, Built) else Built(built)
+            extra = also.columns
         columns = {**sample.columns, **result.columns, **extra}
         kept: list[Point] | None = None
         if sample.points is not None:
@@ -221,6 +226,10 @@ class _Run:
             self._write_file(name, data)
         self.writers.samples.add(row)
         self.produced[sample.record_kind] += 1
+        for kind in (*sample.consumes, *also.consumed):
+            self.produced[kind] += 1
+        for q in also.quarantine:
+            self.reject(q)
         self.samples += 1
         for p in kept or ():
             self.writers.points.add(
@@ -420,6 +429,10 @@ def run(ctx: IngestContext, adapter: ModuleType) -> dict[str, Any]:
                 for sample, result in zip(window, _work(state, ex, window)):
                     state.finish(sample, result)
                 progress.update(len(window))
+        if report.after is not None:
+            report.extra.update(report.after())
+        for name, data in sorted(report.files.items()):
+            state._write_file(name, data)
         writers.close()
     except BaseException as exc:
         writers.abort(exc)
