@@ -15,7 +15,10 @@ from stages.ingest import ingest_source, probe
 
 TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet")
 # Sources on the record protocol, and how their probed input files are named in data/raw/<source>.
-PORTED = {"mermaid": lambda key: key.endswith(".png") and not key.endswith("_thumbnail.png")}
+PORTED = {
+    "mermaid": lambda key: key.endswith(".png") and not key.endswith("_thumbnail.png"),
+    "inat2017": lambda key: key.startswith("train_val_images/"),
+}
 
 
 def _stats(cache: Path, source: str) -> dict:

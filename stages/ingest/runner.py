@@ -21,7 +21,9 @@ all sources:
 - accounting: for every record kind, inputs (`report.inputs`) == rows it ended as (samples, points)
   + quarantine rows of that kind, or the stage fails (a bug, not bad input);
 - metrics: counts, quarantine by reason, classes counted from the written points table with a
-  pyarrow group-by, plus the adapter's `report.extra`.
+  pyarrow group-by, plus the adapter's `report.extra` (completed by its `report.on_finish` hooks,
+  which run once every sample is finished); the adapter's `report.files` are written beside the
+  tables.
 
 Memory: one window of samples (and their points) at a time, the tables' current row group, and
 per point one 8-byte id hash (the uniqueness check). No table is ever held as Python objects.
@@ -416,6 +418,10 @@ def run(ctx: IngestContext, adapter: ModuleType) -> dict[str, Any]:
     except BaseException as exc:
         writers.abort(exc)
         raise
+    for name, data in sorted(report.files.items()):
+        state._write_file(name, data)
+    for hook in report.on_finish:
+        hook()
     _check_point_ids(state)
     stale = _clean_stale(out_dir, state.written_files)
 
