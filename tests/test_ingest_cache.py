@@ -22,6 +22,7 @@ PORTED = {
     "seatizen": lambda key: key.startswith("2024_dataset/")
     and not key.rsplit("/", 1)[-1].startswith("annotation_mask_")
     and not key.endswith("/color.txt"),
+    "inat2017": lambda key: key.startswith("train_val_images/"),
 }
 
 

@@ -443,7 +443,7 @@ def records(ctx: IngestContext, report: Report) -> Iterator[Record]:
             },
         }
     )
-    report.after = tally.metrics
+    report.on_finish.append(lambda: report.extra.update(tally.metrics()))
 
 
 def _in_line_order(f: AnnotationFile) -> Iterator[tuple[int, str | None, int | None, BadRecord | None]]:
