@@ -336,10 +336,16 @@ def source_counts(added: pd.DataFrame, removed: pd.DataFrame) -> dict[str, dict[
 
 
 def product_diff(
-    a: RevReader, b: RevReader, product: str, a_md5s: set[str], pictures: Path | None = None
+    a: RevReader,
+    b: RevReader,
+    product: str,
+    a_md5s: set[str],
+    pictures: Path | None = None,
+    withheld: str | None = None,
 ) -> dict[str, Any]:
     """The diff of one product; `a_md5s` is every release file's md5 at rev A (upload accounting);
-    with `pictures`, its contact sheet and class chart are drawn there."""
+    with `pictures`, its contact sheet and class chart are drawn there (with placeholders for the
+    images when `withheld` says why they may not be shown)."""
     ma, mb = read_manifest(a, product), read_manifest(b, product)
     if ma is None and mb is None:
         return {"status": "absent"}
@@ -428,7 +434,8 @@ def product_diff(
         "by_source": source_counts(added, removed),
     }
     if pictures is not None:
-        result["pictures"] = draw_pictures(a, b, product, pictures, added, removed, relabelled, ca, cb)
+        frames = {"added": added, "removed": removed, "relabelled": relabelled}
+        result["pictures"] = draw_pictures(a, b, product, pictures, frames, ca, cb, withheld)
     return result
 
 
@@ -463,28 +470,26 @@ def draw_pictures(
     b: RevReader,
     product: str,
     out_dir: Path,
-    added: pd.DataFrame,
-    removed: pd.DataFrame,
-    relabelled: pd.DataFrame,
+    changed: dict[str, pd.DataFrame],
     ca: dict[str, Counter[str]],
     cb: dict[str, Counter[str]],
+    withheld: str | None = None,
 ) -> dict[str, Any]:
     """The contact sheet and class chart of one product (stages.diff_pictures); what was drawn."""
     from stages import diff_pictures as pics
 
     meta = {"a": {"rev": a.rev, "commit": a.commit}, "b": {"rev": b.rev, "commit": b.commit}}
-    frames = {"added": (added, "b"), "removed": (removed, "a"), "relabelled": (relabelled, "b")}
     groups: dict[str, list[tuple[Any, Any]]] = {}
-    totals = {kind: len(frame) for kind, (frame, _) in frames.items()}
-    for kind, (frame, side) in frames.items():
-        reader = b if side == "b" else a
+    totals = {kind: len(frame) for kind, frame in changed.items()}
+    for kind, frame in changed.items():
+        side = "a" if kind == "removed" else "b"  # a removed sample's image is only at rev A
+        reader = a if side == "a" else b
         rows = _rows_for(frame, side, pics.pick(frame["key"]))
-        cells = pics.make_cells(kind, rows)
-        groups[kind] = [
-            (cell, pics.sample_image(reader, f"{RELEASE}/{product}/{row['shard']}", row))
-            for cell, row in zip(cells, rows)
-        ]
-    sheet = pics.contact_sheet(product, groups, totals, out_dir, meta)
+        groups[kind] = []
+        for cell, row in zip(pics.make_cells(kind, rows), rows):
+            shard = f"{RELEASE}/{product}/{row['shard']}"
+            groups[kind].append((cell, None if withheld else pics.sample_image(reader, shard, row)))
+    sheet = pics.contact_sheet(product, groups, totals, out_dir, meta, withheld)
     totals_a: Counter[str] = sum(ca.values(), Counter())
     totals_b: Counter[str] = sum(cb.values(), Counter())
     chart = pics.class_chart(product, dict(totals_a), dict(totals_b), out_dir, meta)
@@ -610,6 +615,18 @@ def _pair_total(value: Any) -> int:
 # --- the whole diff -------------------------------------------------------------------------------
 
 
+def withheld_images(product: str, *params: dict[str, Any]) -> str | None:
+    """Why the product's images may not appear in the diff's pictures, or None: a source of it
+    (at either revision) is marked `redistributable: false` in params."""
+    closed = sorted({
+        source
+        for doc in params
+        for source in ((doc.get("products") or {}).get(product) or {}).get("sources") or []
+        if ((doc.get("sources") or {}).get(source) or {}).get("redistributable", True) is False
+    })
+    return f"{', '.join(closed)} not redistributable" if closed else None
+
+
 def release_diff(
     repo: Path,
     rev_a: str,
@@ -639,7 +656,10 @@ def release_diff(
     return {
         "a": {"rev": rev_a, "commit": a.commit},
         "b": {"rev": rev_b, "commit": b.commit},
-        "products": {p: product_diff(a, b, p, a_md5s, out_dir) for p in chosen},
+        "products": {
+            p: product_diff(a, b, p, a_md5s, out_dir, withheld_images(p, pa_params, pb_params))
+            for p in chosen
+        },
         "quarantine": quarantine_diff(a, b, sources),
         "dedup": dedup_diff(a, b),
         "params": params_diff(pa_params, pb_params),

@@ -203,14 +203,23 @@ def make_cells(kind: str, rows: Sequence[dict[str, Any]]) -> list[Cell]:
     return cells
 
 
+def _placeholder(draw: ImageDraw.ImageDraw, x: int, y: int, font: Any, why: str) -> None:
+    draw.rectangle([x + 8, y + 8, x + THUMB - 9, y + THUMB - 9], outline=MUTED)
+    for j, line in enumerate(("image not shown:", why)):
+        text = _fit(draw, line, font, THUMB - 24)
+        draw.text((x + 12, y + THUMB // 2 - 12 + j * 12), text, fill=MUTED, font=font)
+
+
 def contact_sheet(
     product: str,
-    groups: dict[str, list[tuple[Cell, Image.Image]]],
+    groups: dict[str, list[tuple[Cell, Image.Image | None]]],
     totals: dict[str, int],
     out_dir: Path,
     meta: dict[str, Any],
+    withheld: str | None = None,
 ) -> dict[str, Any] | None:
-    """Draw `<product>-changes.png` and its JSON sidecar; None (and no files) when nothing changed."""
+    """Draw `<product>-changes.png` and its JSON sidecar; None (and no files) when nothing changed.
+    A cell whose image is None gets a placeholder saying `withheld` (why it is not shown)."""
     kinds = [k for k in KINDS if groups.get(k)]
     if not kinds:
         return None
@@ -238,10 +247,13 @@ def contact_sheet(
             y0 = y + row * cell_h
             box_x = x0 + (CELL_W - THUMB) // 2
             draw.rectangle([x0, y0, x0 + CELL_W - 1, y0 + THUMB + CAPTION_H - 1], fill=CELL_BG)
-            thumb = thumbnail(image)
             cell.x, cell.y = box_x, y0
-            cell.width, cell.height = thumb.size
-            sheet.paste(thumb, (box_x + (THUMB - thumb.width) // 2, y0 + (THUMB - thumb.height) // 2))
+            if image is None:
+                _placeholder(draw, box_x, y0, font, withheld or "not available")
+            else:
+                thumb = thumbnail(image)
+                cell.width, cell.height = thumb.size
+                sheet.paste(thumb, (box_x + (THUMB - thumb.width) // 2, y0 + (THUMB - thumb.height) // 2))
             draw.rectangle([x0, y0, x0 + 3, y0 + THUMB - 1], fill=KIND_COLOUR[kind])
             for j, line in enumerate(cell.caption):
                 draw.text((x0 + 3, y0 + THUMB + 2 + j * 12), _fit(draw, line, font, CELL_W - 6),
@@ -259,6 +271,7 @@ def contact_sheet(
         "image": {"file": names["changes"], "width": width, "height": height},
         "thumb_box": THUMB,
         "per_kind": PER_KIND,
+        "images_withheld": withheld,
         "kinds": {k: {"total": totals.get(k, 0), "shown": len(groups.get(k) or [])} for k in KINDS},
         "cells": cells_out,
     }

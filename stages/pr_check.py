@@ -5,9 +5,11 @@
 Both work on a bare checkout (no `dvc pull`: CI has no data and should not download a dataset):
 
 - **dvc.lock is current**: `dvc status` of the pipeline, keeping only what data cannot explain:
-  a code or table dependency that changed, was added or deleted, and params that changed. An
-  output or data dependency that is merely absent (not pulled) is not a finding. And dvc.lock
-  must agree with itself: every dependency on another stage's output has that output's hash.
+  a code or table dependency that changed, was added or deleted, and params that changed. A
+  dependency that is, lies inside or contains another stage's output (`data/raw/mermaid`,
+  `data/raw`) differs only because the data is not pulled, so it is not a finding; instead
+  dvc.lock must agree with itself: every dependency on another stage's output records that
+  output's hash.
 - **outputs are pushed**: `dvc status -c` (each output against its remote): a file that is
   `new` (only in a local cache) or `missing` (nowhere) is not in the remote, so reviewers and
   users could not pull the head commit. Needs the remote's credentials; `--no-remote REASON`
@@ -57,11 +59,11 @@ def lock_outputs(lock: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
     return out
 
 
-def _under(path: str, outputs: dict[str, Any]) -> str | None:
-    for out in outputs:
-        if path == out or path.startswith(out.rstrip("/") + "/"):
-            return out
-    return None
+def _overlaps_output(path: str, outputs: dict[str, Any]) -> bool:
+    """True when `path` is, lies inside or contains an output recorded in dvc.lock."""
+    prefix = path.rstrip("/") + "/"
+    return any(path == out or path.startswith(out.rstrip("/") + "/") or out.startswith(prefix)
+               for out in outputs)  # fmt: skip
 
 
 def lock_self_consistency(lock: dict[str, Any]) -> list[str]:
@@ -89,8 +91,8 @@ def stale_stages(status: dict[str, Any], lock: dict[str, Any]) -> list[str]:
             for path, what in (change.get("changed deps") or {}).items():
                 if isinstance(what, dict):  # params: {key: "modified" | "new" | "deleted"}
                     reasons += [f"param `{key}` {state}" for key, state in sorted(what.items())]
-                elif what == "deleted" and _under(path, outputs):
-                    continue  # another stage's output, just not pulled here
+                elif _overlaps_output(path, outputs):
+                    continue  # data: absent or partial where nothing is pulled (see the docstring)
                 else:
                     reasons.append(f"`{path}` {what}")
             for path, what in (change.get("changed outs") or {}).items():

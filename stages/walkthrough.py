@@ -83,6 +83,18 @@ def make_cmd(*args: str) -> list[str]:
     return ["make", "--no-print-directory", f"VENV={venv}", f"PY={sys.executable}", *args]
 
 
+def display(cmd: list[str]) -> str:
+    """`cmd` as a person types it: the venv's dvc and python by name, make without our overrides."""
+    dvc = dvc_cmd()
+    if cmd[: len(dvc)] == dvc:
+        cmd = ["dvc", *cmd[len(dvc):]]
+    elif cmd[:1] == [sys.executable]:
+        cmd = ["python", *cmd[1:]]
+    elif cmd[:1] == ["make"]:
+        cmd = ["make", *(a for a in cmd[1:] if not a.startswith(("VENV=", "PY=", "--no-print-directory")))]
+    return " ".join(f"'{a}'" if (" " in a or not a) else a for a in cmd)
+
+
 def _venv_ready() -> bool:
     return (Path(sys.prefix) / ".requirements-installed").exists() and shutil.which("make") is not None
 
@@ -121,10 +133,12 @@ class Walkthrough:
         self.echo(f"    ok ({seconds:.0f}s): {result.get('ok', 'done')}")
 
     def sh(self, cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True,
-           stdout: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        """Run `cmd`; its output goes to the step's log (stdout to `stdout` when given)."""
-        shown = " ".join(cmd)
-        self.echo(f"    $ {shown}")
+           stdout: Path | None = None, quiet: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """Run `cmd`; its output goes to the step's log (stdout to `stdout` when given). The command
+        is printed as a person would type it (`dvc`, `make`, `python`), unless `quiet`."""
+        shown = display(cmd)
+        if not quiet:
+            self.echo(f"    $ {shown}" + (f" > {stdout.name}" if stdout is not None else ""))
         log = self._log or (self.logs / "commands.log")
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(f"$ (cd {cwd} && {shown})\n")
@@ -154,8 +168,8 @@ class Walkthrough:
             raise TidepoolError(f"no fallback for make {target}")
         return self.sh(cmd, cwd, stdout=stdout)
 
-    def git(self, cwd: Path, *args: str) -> str:
-        return self.sh(["git", *args], cwd).stdout
+    def git(self, cwd: Path, *args: str, quiet: bool = False) -> str:
+        return self.sh(["git", *args], cwd, quiet=quiet).stdout
 
     def dvc(self, cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
         return self.sh([*dvc_cmd(), *args], cwd, env=env).stdout
@@ -171,33 +185,34 @@ class Walkthrough:
             if src.is_file():
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest / rel)
-        self.git(dest, "init", "-q", "-b", "main")
-        self.git(dest, "add", "-A")
-        self.git(dest, "commit", "-q", "-m", "tidepool (walkthrough copy)")
+        self.git(dest, "init", "-q", "-b", "main", quiet=True)
+        self.git(dest, "add", "-A", quiet=True)
+        self.git(dest, "commit", "-q", "-m", "tidepool (walkthrough copy)", quiet=True)
         return dest
 
     def build(self, project: Path, message: str) -> int:
         """`dvc repro`, then commit what it changed; returns how many stages ran."""
         out = self.dvc(project, "repro")
-        self.git(project, "add", "-A")
-        if self.git(project, "status", "--porcelain").strip():
+        self.git(project, "add", "-A", quiet=True)
+        if self.git(project, "status", "--porcelain", quiet=True).strip():
             self.git(project, "commit", "-q", "-m", message)
         return sum(1 for line in out.splitlines() if line.startswith("Running stage '"))
 
     def release(self, project: Path, version: str) -> str:
         self.make(project, "release", f"VERSION={version}")
         tag = f"v{version}"
-        return self.git(project, "rev-parse", "--short", tag).strip()
+        return self.git(project, "rev-parse", "--short", tag, quiet=True).strip()
 
-    def grow(self, project: Path, upstream: Path, scale: float, lb: Any) -> tuple[int, int]:
+    def grow(self, project: Path, upstream: Path, scale: float, lb: Any, overlay: Path) -> dict[str, int]:
         """Grow the sample upstreams to `scale`, re-seed the loopback, bump every snapshot and
-        commit; returns (files before, files after) under `upstream`."""
+        commit; returns how many upstream files are new, rewritten and unchanged."""
         from stages.samplegen.__main__ import generate_all
 
-        before = sum(1 for p in upstream.rglob("*") if p.is_file())
+        before = _digests(upstream)
         generate_all(upstream, scale=scale, jobs=os.cpu_count() or 1)
         lb.reseed()
-        after = sum(1 for p in upstream.rglob("*") if p.is_file())
+        lb.write_overlay(overlay)  # the overlay carries the upstream checksums, which grew too
+        after = _digests(upstream)
         params_path = project / "params.yaml"
         params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
         bumped = bump_snapshots(params)
@@ -208,7 +223,12 @@ class Walkthrough:
         if yaml.safe_load(params_path.read_text(encoding="utf-8")) != bumped:
             raise TidepoolError(f"{params_path}: bumping the snapshots changed more than the snapshots")
         self.git(project, "commit", "-q", "-am", f"sources grew (scale {scale}); snapshots bumped")
-        return before, after
+        return {
+            "new": len(set(after) - set(before)),
+            "rewritten": sum(1 for k in before if k in after and after[k] != before[k]),
+            "unchanged": sum(1 for k in before if after.get(k) == before[k]),
+            "gone": len(set(before) - set(after)),
+        }
 
     # -- consumer side (tests/test_release.py runs these on its own build) ------------------------
 
@@ -247,6 +267,13 @@ class Walkthrough:
             raise TidepoolError(f"{out}: `make diff` printed something before the diff: {text[:120]!r}")
         pictures = sorted(p.name for p in (project / "build" / "diff").glob("*") if p.is_file())
         return {"markdown": text, "pictures": pictures}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    from stages.fsutil import file_digest
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): file_digest(p, "md5") for p in files}
 
 
 def bump_snapshots(params: dict[str, Any]) -> dict[str, Any]:
@@ -335,8 +362,9 @@ def run_walkthrough(work: Path, scale: float, grow_scale: float, echo: Callable[
             lb.save()
             r["ok"] = f"tagged v0.1.0 at {sha}; pushed and saved: {describe(lb.store)}"
         with w.step(f"grow the sources (scale {scale} -> {grow_scale}) and bump the snapshots") as r:
-            before, after = w.grow(project, upstream, grow_scale, lb)
-            r["ok"] = f"upstream files {before} -> {after}; every existing file unchanged"
+            g = w.grow(project, upstream, grow_scale, lb, overlay)
+            r["ok"] = (f"upstream: {g['new']} new files, {g['rewritten']} rewritten (tables and indexes "
+                       f"that list the new items), {g['unchanged']} unchanged")  # fmt: skip
         with w.step("build again: dvc repro") as r:
             ran = w.build(project, "build after growth")
             r["ok"] = f"{ran} stages ran"

@@ -464,3 +464,29 @@ def test_make_diff_prints_only_the_diff(gallery, tmp_path):
     assert proc.stdout.endswith("\n") and "make" not in proc.stdout.splitlines()[0]
     assert f"]({tmp_path / 'made'}/reef-points-changes.png)" in proc.stdout
     assert (tmp_path / "made" / "reef-points-changes.png").exists()
+
+
+def test_images_of_a_non_redistributable_source_are_not_drawn(gallery, tmp_path):
+    """The sheet goes into pull requests: for a product with a non-redistributable source it keeps
+    the cells (keys, labels) but draws a placeholder instead of any thumbnail."""
+    from PIL import Image
+
+    from stages import diff_pictures as pics
+
+    root = tmp_path / "copy"
+    shutil.copytree(gallery, root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sources"]["s2"]["redistributable"] = False
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run([*GIT, "commit", "-q", "-am", "s2 may not be redistributed"], root)
+    d = diff.release_diff(root, "g1", "HEAD", pictures=tmp_path / "pics")
+    assert d["products"]["reef-points"]["pictures"]["cells"] == pics.PER_KIND + 2 + 3
+    sidecar = json.loads((tmp_path / "pics" / "reef-points-changes.json").read_text())
+    assert sidecar["images_withheld"] == "s2 not redistributable"
+    sheet = Image.open(tmp_path / "pics" / "reef-points-changes.png").convert("RGB")
+    for cell in sidecar["cells"]:
+        assert cell["width"] == cell["height"] == 0  # no thumbnail was pasted
+        box = sheet.crop((cell["x"], cell["y"], cell["x"] + pics.THUMB, cell["y"] + pics.THUMB))
+        own = colour(cell["key"])
+        near = [c for _, c in box.getcolors(1 << 16) if max(abs(x - y) for x, y in zip(c, own)) <= 6]
+        assert not near, cell["key"]

@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from stages.errors import TidepoolError
@@ -48,11 +48,11 @@ class DumpResult:
 
 
 def safe_key(key: str) -> bool:
-    """True when `key` maps to a file strictly inside the bucket folder."""
-    if not key or key.startswith("/") or "\\" in key or "\0" in key:
+    """True when `key` maps to a file strictly inside the bucket folder, and to no other key's file
+    (`a//b` and `a/./b` are other S3 keys than `a/b`, but the same path)."""
+    if not key or "\\" in key or "\0" in key:
         return False
-    parts = PurePosixPath(key).parts
-    return bool(parts) and all(p not in ("", ".", "..") for p in parts) and not key.endswith("/")
+    return all(part not in ("", ".", "..") for part in key.split("/"))
 
 
 class BucketStore:
@@ -172,7 +172,12 @@ def moto_objects(backend: Any, bucket: str) -> dict[str, tuple[str, Callable[[],
 def describe(store: BucketStore) -> str:
     """One line for people: where the store is and how much it holds."""
     keys = store.keys()
-    size = sum((store.folder / k).stat().st_size for k in keys)
-    return f"{store.folder}: {len(keys)} object(s), {size} bytes"
+    size = float(sum((store.folder / k).stat().st_size for k in keys))
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    amount = f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+    return f"{store.folder}: {len(keys)} object(s), {amount}"
 
 
