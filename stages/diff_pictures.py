@@ -203,11 +203,22 @@ def make_cells(kind: str, rows: Sequence[dict[str, Any]]) -> list[Cell]:
     return cells
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(_fit(draw, word, font, width))
+    return lines
+
+
 def _placeholder(draw: ImageDraw.ImageDraw, x: int, y: int, font: Any, why: str) -> None:
     draw.rectangle([x + 8, y + 8, x + THUMB - 9, y + THUMB - 9], outline=MUTED)
-    for j, line in enumerate(("image not shown:", why)):
-        text = _fit(draw, line, font, THUMB - 24)
-        draw.text((x + 12, y + THUMB // 2 - 12 + j * 12), text, fill=MUTED, font=font)
+    lines = ["image not shown:", *_wrap(draw, ascii_text(why), font, THUMB - 24)][:5]
+    top = y + (THUMB - 12 * len(lines)) // 2
+    for j, line in enumerate(lines):
+        draw.text((x + 12, top + j * 12), line, fill=MUTED, font=font)
 
 
 def contact_sheet(
@@ -295,14 +306,16 @@ def class_chart(product: str, totals_a: dict[str, int], totals_b: dict[str, int]
     labels = {c: _fit(probe, ascii_text(c), font, 220) for c in shown}
     label_w = int(max(probe.textlength(t, font=font) for t in labels.values())) + 12
     bar_w, row_h, top = 360, 22, 44
-    width = PAD + label_w + bar_w + 70
+    notes = {c: _delta_note(totals_a.get(c, 0), totals_b.get(c, 0)) for c in shown}
+    note_w = int(max(probe.textlength(t, font=font) for t in notes.values()))
+    width = PAD + label_w + bar_w + 6 + note_w + PAD
     height = top + len(shown) * row_h + (18 if len(order) > len(shown) else 0) + PAD
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     title = f"{product}: samples per class, {meta['a']['rev']} (grey) vs {meta['b']['rev']} (blue)"
     draw.text((PAD, 6), _fit(draw, ascii_text(title), title_font, width - 2 * PAD), fill=INK, font=title_font)
-    draw.text((PAD, 26), f"{len(changed)} class(es) changed; the {len(shown)} largest changes",
-              fill=MUTED, font=font)  # fmt: skip
+    scope = "all shown" if len(shown) == len(changed) else f"the {len(shown)} largest changes"
+    draw.text((PAD, 26), f"{len(changed)} class(es) changed; {scope}", fill=MUTED, font=font)
     peak = max(max(totals_a.get(c, 0), totals_b.get(c, 0)) for c in shown) or 1
     x_bar = PAD + label_w
     for i, cls in enumerate(shown):
@@ -314,9 +327,8 @@ def class_chart(product: str, totals_a: dict[str, int], totals_b: dict[str, int]
             draw.rectangle([x_bar, y + 2, x_bar + wa - 1, y + 9], fill=BAR_A)
         if wb:
             draw.rectangle([x_bar, y + 10, x_bar + wb - 1, y + 18], fill=BAR_B)
-        delta = nb - na
-        draw.text((x_bar + max(wa, wb) + 6, y + 5), f"{na} -> {nb} ({'+' if delta > 0 else ''}{delta})",
-                  fill=KIND_COLOUR["added" if delta > 0 else "removed"], font=font)  # fmt: skip
+        draw.text((x_bar + max(wa, wb) + 6, y + 5), notes[cls],
+                  fill=KIND_COLOUR["added" if nb > na else "removed"], font=font)  # fmt: skip
     if len(order) > len(shown):
         more = f"... and {len(order) - len(shown)} more (see the table)"
         draw.text((PAD, top + len(shown) * row_h + 2), more, fill=MUTED, font=font)
@@ -325,6 +337,10 @@ def class_chart(product: str, totals_a: dict[str, int], totals_b: dict[str, int]
     name = file_names(product)["classes"]
     write_bytes(out_dir / name, buf.getvalue())
     return {"file": name, "classes": shown, "changed": len(changed), "width": width, "height": height}
+
+
+def _delta_note(na: int, nb: int) -> str:
+    return f"{na} -> {nb} ({'+' if nb > na else ''}{nb - na})"
 
 
 def clear(out_dir: Path) -> None:

@@ -105,3 +105,23 @@ def test_serve_prints_how_to_reach_the_store_and_saves_on_sigterm(tmp_path):
         proc.wait(timeout=60)
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     assert (store / BUCKET / "store" / "files" / "md5" / "zz").read_bytes() == b"kept"
+
+
+def test_demo_removes_a_stale_loopback_endpoint_and_keeps_a_real_one(tmp_path):
+    from stages.demo import clear_loopback_endpoint
+    from stages.loopback import dvc_command
+
+    def dvc(*args: str) -> str:
+        return subprocess.run([*dvc_command(), *args], cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc("init", "-q")
+    dvc("remote", "add", "-d", "storage", "s3://tidepool-dvc/store")
+    assert clear_loopback_endpoint(tmp_path) is None  # nothing set: nothing to do
+    dvc("remote", "modify", "--local", "storage", "endpointurl", "http://127.0.0.1:40401")
+    assert clear_loopback_endpoint(tmp_path) == "http://127.0.0.1:40401"
+    assert "endpointurl" not in (tmp_path / ".dvc" / "config.local").read_text()
+    dvc("remote", "modify", "--local", "storage", "endpointurl", "https://s3.example.org")
+    assert clear_loopback_endpoint(tmp_path) is None
+    assert "https://s3.example.org" in (tmp_path / ".dvc" / "config.local").read_text()
