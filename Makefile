@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 SCALE ?= 1
 IMAGES ?= 10000
+POINTS ?= 100000 1000000
 BENCH_ARGS ?=
 DIFF_DIR ?= build/diff
 DIFF_ARGS ?=
@@ -13,7 +14,7 @@ WALK_SCALE ?= 1
 WALK_GROW ?= 1.5
 WALK_DIR ?= build/walkthrough
 
-.PHONY: venv demo serve walkthrough test lint bench release diff clean
+.PHONY: venv demo serve walkthrough test lint deps bench bench-points release diff clean
 
 venv: $(STAMP)
 
@@ -45,9 +46,18 @@ test: venv
 lint: venv
 	$(PY) -m ruff check .
 
+# Regenerate the `stages/...` deps of dvc.yaml from each stage's import closure (stages/depgraph.py).
+deps: venv
+	$(PY) -m stages.depgraph
+
 # 10k images by default; `make bench IMAGES=2000 BENCH_ARGS=--skip-100k` for a quick run.
 bench: venv
 	$(PY) -m bench.run --images $(IMAGES) $(BENCH_ARGS)
+
+# Points-heavy mode: the table stages at real point counts on small images (bench/points_heavy.py);
+# `make bench-points POINTS="1000000 5000000"`.
+bench-points: venv
+	$(PY) -m bench.points_heavy $(foreach p,$(POINTS),--points $(p)) $(BENCH_ARGS)
 
 release: venv
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }

@@ -55,6 +55,7 @@ import webdataset as wds
 from stages import dedup, split
 from stages.config import load_params
 from stages.fsutil import repo_root, write_json, write_parquet
+from stages.ingest import ingest_source
 from stages.pack import (
     KINDS,
     SPLITS,
@@ -435,8 +436,7 @@ def build_corpus(scale: float, dest: Path, jobs: int) -> Path:
             out_dir=root / "data" / "interim" / source, taxonomy_dir=root / "data" / "taxonomy",
             tables_dir=root / "data" / "tables", jobs=jobs,
         )  # fmt: skip
-        tables, _ = importlib.import_module(f"stages.ingest.{source}").ingest(ctx)
-        tables.write(ctx.out_dir)
+        ingest_source(ctx)
     dedup.run(params, root)
     split.run(params, root)
     return root

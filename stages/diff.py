@@ -172,18 +172,21 @@ class RevReader:
         return table.select(columns)
 
     def listing(self, folder: str) -> dict[str, dict[str, Any]]:
-        """name -> {"md5", "size"} for the files directly in `folder` (size may be None)."""
+        """name -> {"md5", "size"} for the files in `folder`, subfolders included (a product's
+        viewer/ and croissant/): name is the path below `folder`; size may be None."""
         if not self.exists(folder):
             return {}
         try:
-            entries = self.fs.ls(folder, detail=True)
+            entries = self.fs.find(folder, detail=True).values()
         except Exception as exc:
             raise self._unreadable(folder, exc) from exc
         out = {}
+        prefix = folder.rstrip("/") + "/"
         for entry in entries:
             if entry.get("type") != "file":
                 continue
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            name = entry["name"].rstrip("/")
+            name = name[len(prefix) :] if name.startswith(prefix) else name.rsplit("/", 1)[-1]
             md5 = entry.get("md5") or (entry.get("dvc_info") or {}).get("md5")
             if md5 is None:  # a git-tracked file beside the outputs: hash it as DVC would
                 md5 = hashlib.md5(self.read(f"{folder}/{name}")).hexdigest()

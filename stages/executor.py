@@ -103,6 +103,103 @@ def preload_modules(fn: Callable[..., Any]) -> list[str]:
     return mods
 
 
+def _local_pool(fn: Callable[..., Any], workers: int, extra: Sequence[str] = ()) -> ProcessPoolExecutor:
+    ctx = multiprocessing.get_context("forkserver")
+    # Only effective before the process's forkserver starts (the first pool); later pools reuse
+    # that server and its preloaded modules.
+    mods = preload_modules(fn)
+    ctx.set_forkserver_preload([*mods, *(m for m in extra if m not in mods)])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _broken(fn: Callable[..., Any], exc: BaseException) -> TidepoolError:
+    # A worker died without a Python exception: killed by the OS (out of memory) or a crash in
+    # a C library. The pool's own message says neither what ran nor what to do.
+    return TidepoolError(
+        f"a worker process running {getattr(fn, '__qualname__', fn)} died abruptly (killed by "
+        f"the OS, e.g. out of memory, or crashed in native code); retry with a smaller `jobs`"
+    )
+
+
+class Executor:
+    """A pool kept for a whole stage, so that work submitted in several rounds (the cache's
+    windows, see `cached_map`) does not start workers again each round.
+
+    `with Executor(jobs, scheduler) as ex: ex.map(fn, items)`; `map` has parallel_map's contract.
+    The pool (or the Dask client) is created on the first map that needs one. `preload` names
+    modules the forkserver imports besides the first mapped function's (work functions that live
+    in other modules than the trampoline that calls them).
+    """
+
+    def __init__(
+        self, jobs: int | None = 1, scheduler: str | None = None, preload: Sequence[str] = ()
+    ) -> None:
+        self.jobs = resolve_jobs(jobs)
+        self.scheduler = scheduler
+        self.preload = tuple(preload)
+        self._pool: ProcessPoolExecutor | None = None
+        self._client: Any = None
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def map(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        chunksize: int = 16,
+        max_in_flight: int | None = None,
+    ) -> Iterator[R]:
+        total = item_count(items)
+        if self.scheduler:
+            from stages.executor_dask import connect, dask_map  # lazily: Dask is optional at run time
+
+            if self._client is None:
+                self._client = connect(self.scheduler)
+            yield from dask_map(
+                fn, items, scheduler=self.scheduler, chunksize=chunksize, max_in_flight=max_in_flight,
+                client=self._client,
+            )
+            return
+        n = self.jobs
+        if total is not None:
+            n = min(n, max(1, total))
+        if n == 1:
+            for item in items:
+                yield fn(item)
+            return
+        if self._pool is None:
+            self._pool = _local_pool(fn, self.jobs, self.preload)
+        size = effective_chunksize(total, n, chunksize)
+        limit = max(1, max_in_flight or n * IN_FLIGHT_PER_WORKER)
+        pending: deque[Future[list[R]]] = deque()
+        try:
+            for chunk in _chunks(items, size):
+                pending.append(self._pool.submit(_run_chunk, fn, chunk))
+                while len(pending) >= limit:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        except BrokenProcessPool as exc:
+            self._pool = None
+            raise _broken(fn, exc) from exc
+        finally:
+            # On an error or an abandoned generator, queued chunks are dropped instead of run.
+            for future in pending:
+                future.cancel()
+
+
 def parallel_map(
     fn: Callable[[T], R],
     items: Iterable[T],
@@ -119,41 +216,5 @@ def parallel_map(
     tcp://host:8786) runs the chunks on that cluster instead; `jobs` is then ignored.
     `max_in_flight` bounds the chunks submitted ahead (default 3 per worker).
     """
-    total = item_count(items)
-    if scheduler:
-        from stages.executor_dask import dask_map  # imported lazily: Dask is optional at run time
-
-        yield from dask_map(fn, items, scheduler=scheduler, chunksize=chunksize, max_in_flight=max_in_flight)
-        return
-    n = resolve_jobs(jobs)
-    if total is not None:
-        n = min(n, max(1, total))
-    if n == 1:
-        for item in items:
-            yield fn(item)
-        return
-    size = effective_chunksize(total, n, chunksize)
-    limit = max(1, max_in_flight or n * IN_FLIGHT_PER_WORKER)
-    ctx = multiprocessing.get_context("forkserver")
-    # Only effective before the process's forkserver starts (the first pool); later pools reuse
-    # that server and its preloaded modules.
-    ctx.set_forkserver_preload(preload_modules(fn))
-    pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx)
-    pending: deque[Future[list[R]]] = deque()
-    try:
-        for chunk in _chunks(items, size):
-            pending.append(pool.submit(_run_chunk, fn, chunk))
-            while len(pending) >= limit:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
-    except BrokenProcessPool as exc:
-        # A worker died without a Python exception: killed by the OS (out of memory) or a crash in
-        # a C library. The pool's own message says neither what ran nor what to do.
-        raise TidepoolError(
-            f"a worker process running {getattr(fn, '__qualname__', fn)} died abruptly (killed by "
-            f"the OS, e.g. out of memory, or crashed in native code); retry with a smaller `jobs`"
-        ) from exc
-    finally:
-        # On an error or an abandoned generator, queued chunks are dropped instead of run.
-        pool.shutdown(wait=True, cancel_futures=True)
+    with Executor(jobs, scheduler) as ex:
+        yield from ex.map(fn, items, chunksize=chunksize, max_in_flight=max_in_flight)

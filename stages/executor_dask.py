@@ -59,15 +59,19 @@ def dask_map(
     scheduler: str,
     chunksize: int = 16,
     max_in_flight: int | None = None,
+    client: Any = None,
 ) -> Iterator[R]:
     """Submit chunks to the cluster at `scheduler`, yielding results in input order.
 
     At most `max_in_flight` chunks (default 3 per worker thread) are on the cluster at a time, so
-    a long input neither floods the scheduler nor piles results up in this process.
+    a long input neither floods the scheduler nor piles results up in this process. `client`
+    reuses a connection the caller keeps (stages.executor.Executor); otherwise one is made here.
     """
     from stages.executor import effective_chunksize, item_count
 
-    client = connect(scheduler)
+    own = client is None
+    if own:
+        client = connect(scheduler)
     try:
         workers = max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
         size = effective_chunksize(item_count(items), workers, chunksize)
@@ -88,4 +92,5 @@ def dask_map(
         while pending:
             yield from pending.popleft().result()
     finally:
-        client.close()
+        if own:
+            client.close()

@@ -10,7 +10,9 @@ The README documents the columns; keep the two in step.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
 
 import pyarrow as pa
 
@@ -42,6 +44,9 @@ SAMPLES = pa.schema(
         ("labels", pa.string()),  # JSON: labels in the project's label spaces
         ("mask_path", pa.string()),  # class-id mask (PNG, mode L) where one exists
         ("n_points", pa.int32()),
+        # A site or survey where the source names one (CoralNet's aux metadata, per the source's
+        # params): a group key for splits, like session.
+        ("site", pa.string()),
     ]
 )
 
@@ -75,11 +80,14 @@ QUARANTINE = pa.schema(
 
 REASONS = {
     "missing_image": "the annotation refers to an image that is not in the fetched data",
+    "not_a_regular_file": "a folder, a symbolic link or a special file where an image file is expected",
     "empty_file": "zero-byte file",
     "corrupt_image": "the image does not decode (truncated, garbage, broken chunks)",
     "image_too_large": "more pixels than limits.max_image_pixels (decompression-bomb bound)",
     "unsupported_format": "not an image type the pipeline accepts",
     "point_outside_image": "point row/col not inside 0 <= row < H, 0 <= col < W",
+    "geometry_mismatch": "more than ingest.max_outside_share of an image's points fall outside it: "
+    "the annotations were made for another image (the image and all its points)",
     "duplicate_point": "same (row, col) already annotated in this image; first kept",
     "unconfirmed_annotation": "machine (robot) or not-Confirmed annotation",
     "unmapped_label": "no label mapping into the MERMAID taxonomy",
@@ -93,13 +101,27 @@ REASONS = {
 }
 
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+_PART_BAD = re.compile(r"[^A-Za-z0-9_]+")  # a part that is not the last may not hold `-` either
+
+
+def _slug(text: str, bad: re.Pattern[str]) -> str:
+    slug = bad.sub("_", text)
+    if slug == text and text:
+        return text
+    # Slugging lost information (or the part is empty): a short hash of the exact text keeps two
+    # upstream ids that slug alike (`pt.1`, `pt 1`, `pt/1`, `pt_1`) apart, and depends on nothing else.
+    return f"{slug}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
 
 def make_sample_id(source: str, *parts: object) -> str:
-    """`<source>-<parts>` with everything outside [A-Za-z0-9_-] replaced by `_`.
+    """`<source>-<part>-...-<part>`: ASCII `[A-Za-z0-9_-]`, injective in the parts' text.
 
-    WebDataset splits keys at the first dot, so ids carry none; ids come from upstream ids only,
-    never from row order, so a sample keeps its id as the sources grow.
+    A part that is already plain (`[A-Za-z0-9_-]`, and no `-` unless it is the last part) is kept
+    as it is; any other part is slugged (runs of other characters become `_`) and suffixed with 8
+    hex of the sha256 of its exact text, so distinct upstream ids never share an id. WebDataset
+    splits keys at the first dot, so ids carry none; ids come from upstream ids only, never from
+    row order, so a sample keeps its id as the sources grow.
     """
-    slug = "-".join(_SLUG_BAD.sub("_", str(p)).strip("_") for p in parts)
-    return f"{source}-{slug}"
+    texts = [unicodedata.normalize("NFC", str(p)) for p in parts]
+    slugs = [_slug(t, _PART_BAD if i < len(texts) - 1 else _SLUG_BAD) for i, t in enumerate(texts)]
+    return "-".join([source, *slugs])

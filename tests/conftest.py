@@ -190,6 +190,20 @@ def fetched_root(tmp_path_factory: pytest.TempPathFactory, sample_upstream: Path
     return fetch_project(sample_upstream, tmp_path_factory.mktemp("fetched"))
 
 
+GROWN_SCALE = round(E2E_SCALE * 1.1, 4)
+
+
+@pytest.fixture(scope="session")
+def grown_fetched_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample upstreams at 1.1x the session scale (a superset of `fetched_root`'s, every
+    existing file byte-identical), fetched the same way. Read-only: it is shared."""
+    from stages.samplegen.__main__ import generate_all
+
+    upstream = tmp_path_factory.mktemp("upstream-grown")
+    generate_all(upstream, scale=GROWN_SCALE, jobs=2)
+    return fetch_project(upstream, tmp_path_factory.mktemp("fetched-grown"))
+
+
 def ingest_context(source: str, root: Path, out_root: Path | None = None, **overrides: Any) -> Any:
     """An IngestContext reading `root`'s raw data; outputs go under `out_root` (default: root)."""
     from stages.ingest.context import IngestContext

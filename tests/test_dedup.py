@@ -3,7 +3,6 @@ real ingest output of the sample corpus."""
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from PIL import Image
 from stages import dedup, products, schema
 from stages.fsutil import write_parquet
 from stages.imaging import probe_image_bytes
+from stages.ingest import ingest_source
 from stages.samplegen.planted import cross_source_scene
 from stages.samplegen.texture import photo, video_frame
 
@@ -360,8 +360,7 @@ def ingest_all(fetched: Path, out_root: Path) -> Path:
     (out_root / "dvc.yaml").write_text("stages: {}\n", encoding="utf-8")
     for source in SOURCES:
         ctx = ingest_context(source, fetched, out_root)
-        tables, _ = importlib.import_module(f"stages.ingest.{source}").ingest(ctx)
-        tables.write(ctx.out_dir)
+        ingest_source(ctx)
     done.write_text("ok\n", encoding="utf-8")
     return out_root
 

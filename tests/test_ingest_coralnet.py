@@ -18,7 +18,7 @@ from conftest import ingest_context
 from PIL import Image
 
 from stages.errors import UpstreamFormatError
-from stages.ingest import coralnet, mermaid
+from stages.ingest import coralnet, ingest_source
 from stages.ingest.coralnet import image_sample_id
 
 
@@ -331,9 +331,11 @@ def test_crosswalk_and_class_metrics(result):
 
 def test_cross_source_scene_hashes_are_close(result, planted, fetched_root, tmp_path):
     ctx = ingest_context("mermaid", fetched_root, out_root=tmp_path)
-    tables, _extra = mermaid.ingest(ctx)
+    ingest_source(ctx)
     mermaid_scene = next(
-        s for s in tables.samples if s["upstream_id"] == planted["mermaid"]["cross_source_scene"]["image_id"]
+        s
+        for s in pq.read_table(ctx.out_dir / "samples.parquet").to_pylist()
+        if s["upstream_id"] == planted["mermaid"]["cross_source_scene"]["image_id"]
     )
     case = planted["coralnet"]["s1073"]["cross_source_scene"]
     coralnet_scene = result["samples"][f"s1073/{case['name']}"]

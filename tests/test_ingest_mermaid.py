@@ -17,15 +17,13 @@ from conftest import ingest_context
 from PIL import Image
 
 from stages.errors import UpstreamFormatError
-from stages.ingest import mermaid
+from stages.ingest import mermaid, runner
 
 PARQUET = "mermaid_confirmed_annotations.parquet"
 
 
 def run(ctx) -> dict:
-    tables, extra = mermaid.ingest(ctx)
-    tables.write(ctx.out_dir)
-    return tables.metrics(extra)
+    return runner.run(ctx, mermaid)
 
 
 def read(out_dir: Path, name: str) -> list[dict]:
@@ -62,9 +60,9 @@ def by_image(rows: list[dict]) -> dict[str, list[dict]]:
 def test_inputs_equal_samples_plus_quarantine(result):
     m, q = result["metrics"], result["quarantine"]
     kinds = Counter(r["record_kind"] for r in q)
-    assert m["inputs"]["images"] == m["samples"] + kinds["image"]
-    assert m["inputs"]["points"] == m["points"] + kinds["point"]
-    assert m["inputs"]["points"] == len(result["rows"])
+    assert m["inputs"]["image"] == m["samples"] + kinds["image"]
+    assert m["inputs"]["point"] == m["points"] + kinds["point"]
+    assert m["inputs"]["point"] == len(result["rows"])
     assert set(kinds) <= {"image", "point"}
     # Each parquet row lands exactly once: as a point (by its point_id) or a quarantine row.
     landed = Counter([p["point_id"].removeprefix("mermaid-") for p in result["points"]])
@@ -111,6 +109,21 @@ def test_points_outside_image(result, planted):
     assert (sample["width"], sample["height"]) == (case["width"], case["height"])
     assert sample["n_points"] == case["points"] - len(outside)
     assert sample["region"] is None  # this image is one of the null-region ones
+
+
+def test_geometry_mismatch_quarantines_the_image_and_all_its_points(result, planted):
+    case = planted["geometry_mismatch"]
+    assert case["outside"] > 0.05 * case["points"]  # the planted share is over the default bound
+    q = result["quarantine"]
+    image_rows = [r for r in q if r["record_kind"] == "image" and r["record_id"] == case["image_id"]]
+    assert [r["reason"] for r in image_rows] == ["geometry_mismatch"]
+    assert f"{case['outside']} of {case['points']} points" in image_rows[0]["detail"]
+    ids = {r["point_id"] for r in by_image(result["rows"])[case["image_id"]]}
+    point_rows = [r for r in q if r["record_kind"] == "point" and r["record_id"] in ids]
+    assert len(point_rows) == case["points"] and {r["reason"] for r in point_rows} == {"geometry_mismatch"}
+    # The points inside the image are not kept either: they were cut for another image.
+    assert f"mermaid-{case['image_id']}" not in {s["sample_id"] for s in result["samples"]}
+    assert not [p for p in result["points"] if p["sample_id"] == f"mermaid-{case['image_id']}"]
 
 
 def test_sample_columns_ids_and_region(result):
@@ -173,10 +186,14 @@ def test_metrics(result, planted):
         "image_unusable": planted["truncated_png"]["points"] + planted["missing_image"]["points"],
         "missing_image": 1,
         "point_outside_image": len(planted["points_outside"]["outside"]),
+        "geometry_mismatch": 1 + planted["geometry_mismatch"]["points"],
     }
-    assert m["inputs"] == {"images": planted["images"], "points": planted["points"]}
+    assert m["inputs"] == {"image": planted["images"], "point": planted["points"]}
     assert m["growth_form_null_rows"] == planted["growth_form_none_rows"]
-    assert m["crosswalk"]["mapped"] == m["points"] and m["crosswalk"]["ratio"] == 1.0
+    # Every label looked up is mapped; points the runner then refused (outside, image unusable
+    # after the lookup) were mapped too, so mapped >= kept points.
+    cw = m["crosswalk"]
+    assert cw["mapped"] == cw["total"] >= m["points"] and cw["ratio"] == 1.0
     assert sum(m["classes"]["top_level_category"].values()) == m["points"]
     assert sum(m["classes"]["benthic_attribute"].values()) == m["points"]
 
@@ -256,11 +273,12 @@ def test_handmade_records(handmade):
     points = read(handmade.out_dir, "points")
     assert sorted(p["point_id"] for p in points) == ["mermaid-p1", "mermaid-p7"]
     assert all(p["growth_form_id"] is None for p in points)  # "None" and "" are both null
-    assert m["inputs"] == {"images": 4, "points": 8}
+    assert m["inputs"] == {"image": 4, "point": 8}
     kinds = Counter(k for k, _ in q)
-    assert m["inputs"]["images"] == m["samples"] + kinds["image"]
-    assert m["inputs"]["points"] == m["points"] + kinds["point"]
-    assert m["crosswalk"] == {"mapped": 2, "total": 3, "ratio": round(2 / 3, 6)}
+    assert m["inputs"]["image"] == m["samples"] + kinds["image"]
+    assert m["inputs"]["point"] == m["points"] + kinds["point"]
+    # p1, p2 (a duplicate position, refused later by the runner), p3 (unmapped), p7 were looked up.
+    assert m["crosswalk"] == {"mapped": 3, "total": 4, "ratio": 0.75}
 
 
 def test_format_change_fails_naming_the_file(fetched_root, tmp_path):
@@ -273,7 +291,7 @@ def test_format_change_fails_naming_the_file(fetched_root, tmp_path):
     pq.write_table(table, raw / PARQUET)
     ctx = replace(ingest_context("mermaid", tmp_path), taxonomy_dir=fetched_root / "data" / "taxonomy")
     with pytest.raises(UpstreamFormatError) as err:
-        mermaid.ingest(ctx)
+        run(ctx)
     message = str(err.value)
     assert PARQUET in message and "benthic_attribute_id" in message and "attribute_id" in message
 
@@ -284,7 +302,34 @@ def test_unreadable_parquet_fails_naming_the_file(fetched_root, tmp_path):
     (raw / PARQUET).write_bytes(b"id,image_id\n1,2\n")
     ctx = replace(ingest_context("mermaid", tmp_path), taxonomy_dir=fetched_root / "data" / "taxonomy")
     with pytest.raises(UpstreamFormatError, match=PARQUET):
-        mermaid.ingest(ctx)
+        run(ctx)
     shutil.rmtree(raw)
     with pytest.raises(UpstreamFormatError, match="missing"):
-        mermaid.ingest(ctx)
+        run(ctx)
+
+
+def test_an_empty_parquet_fails_instead_of_quarantining_every_image(fetched_root, tmp_path):
+    raw = tmp_path / "data" / "raw" / "mermaid"
+    raw.mkdir(parents=True)
+    table = pq.read_table(fetched_root / "data" / "raw" / "mermaid" / PARQUET)
+    pq.write_table(table.slice(0, 0), raw / PARQUET)
+    _png(raw / "img-a.png", 8, 8, 10)
+    ctx = replace(ingest_context("mermaid", tmp_path), taxonomy_dir=fetched_root / "data" / "taxonomy")
+    with pytest.raises(UpstreamFormatError, match=f"{PARQUET}: the annotations parquet has no rows"):
+        run(ctx)
+
+
+def test_a_folder_or_symlink_where_an_image_belongs_is_quarantined(handmade, tmp_path):
+    raw = handmade.raw_dir
+    (raw / "img-b.png").unlink()
+    (raw / "img-b.png").mkdir()
+    outside = tmp_path / "host-secret.png"
+    _png(outside, 8, 8, 7)
+    (raw / "img-a.png").unlink()
+    (raw / "img-a.png").symlink_to(outside)
+    run(handmade)
+    q = {(r["record_kind"], r["record_id"]): r for r in read(handmade.out_dir, "quarantine")}
+    link = q[("image", "img-a")]
+    assert link["reason"] == "not_a_regular_file" and "link" in link["detail"]
+    assert q[("image", "img-b")]["reason"] == "not_a_regular_file"
+    assert read(handmade.out_dir, "samples") == []

@@ -79,9 +79,12 @@ def test_mermaid_parquet_matches_sources(gen):
         assert df[col].map(lambda v: bool(UUID_RE.match(v))).all(), col
     assert str(table.schema.field("row").type) == "int64" and str(table.schema.field("col").type) == "int64"
     assert str(table.schema.field("updated_on").type) == "timestamp[us, tz=UTC]"
-    # Ordered by (image_id, row, col), 25 points per image, ids unique.
+    # Ordered by (image_id, row, col), 25 points per image (64 on the planted points-outside
+    # image, whose 3 outside points must stay under ingest.max_outside_share), ids unique.
     assert list(df.index) == list(df.sort_values(["image_id", "row", "col"], kind="stable").index)
-    assert df.groupby("image_id").size().eq(25).all()
+    sizes = df.groupby("image_id").size()
+    outside_id = planted["mermaid"]["points_outside"]["image_id"]
+    assert sizes.drop(outside_id).eq(25).all() and sizes[outside_id] == 64
     assert df["id"].is_unique and df["point_id"].is_unique
     # A missing growth form is the string "None" (id and name together), never a null.
     assert df["growth_form_id"].notna().all() and df["growth_form_name"].notna().all()
@@ -180,9 +183,15 @@ def test_mermaid_planted_cases(gen):
     assert any(p["row"] < 0 or p["col"] < 0 for p in outside["outside"])
     with Image.open(root / outside["file"]) as img:
         assert img.size == (outside["width"], outside["height"])
+    mismatch = info["geometry_mismatch"]
+    rows = df[df["image_id"] == mismatch["image_id"]]
+    off = (rows["row"] >= mismatch["height"]) | (rows["col"] >= mismatch["width"])
+    assert int(off.sum()) == mismatch["outside"] > 0.05 * len(rows) and len(rows) == mismatch["points"]
+    with Image.open(root / mismatch["file"]) as img:
+        assert img.size == (mismatch["width"], mismatch["height"])
     # Every other image has all its points inside.
     for image_id, group in df.groupby("image_id"):
-        if image_id in (outside["image_id"], missing["image_id"]):
+        if image_id in (outside["image_id"], missing["image_id"], mismatch["image_id"]):
             continue
         with Image.open(root / info["root"] / f"{image_id}.png") as img:
             w, h = img.size
@@ -434,7 +443,8 @@ def test_larger_scale_is_a_superset(runs):
             assert old_rows[0] == new_rows[0]
             assert set(old_rows) <= set(new_rows) and len(new_rows) > len(old_rows)
     # Planted cases do not move with scale; only the counts grow.
-    for case in ("cross_source_scene", "truncated_png", "missing_image", "points_outside"):
+    cases = ("cross_source_scene", "truncated_png", "missing_image", "points_outside", "geometry_mismatch")
+    for case in cases:
         assert rs["planted"]["mermaid"][case] == rl["planted"]["mermaid"][case]
     assert rs["planted"]["mermaid_api"] == rl["planted"]["mermaid_api"]
     assert rl["planted"]["mermaid"]["images"] > rs["planted"]["mermaid"]["images"]

@@ -28,7 +28,7 @@ from stages.fetch.manifest import (
     write_manifest,
 )
 from stages.fsutil import atomic_path, file_digest
-from stages.net import known_md5
+from stages.net import VERIFIED_MD5, known_md5
 from stages.net.s3 import S3Bucket, S3Object
 from stages.progress import bar
 
@@ -96,14 +96,46 @@ def _fetch_s3_export(
     )
 
 
-def _local_files(folder: Path) -> list[str]:
-    rels: list[str] = []
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            rel = (Path(root) / name).relative_to(folder).as_posix()
-            if _wanted(rel):
-                rels.append(rel)
-    return sorted(rels)
+def _local_files(folder: Path) -> dict[str, Path]:
+    """The mirrored files of a local export: relative posix path -> the real file to read.
+
+    A symbolic link among them is followed only when it resolves (through any chain of links)
+    to a file inside the export folder: anything else would copy a host file into data/raw,
+    which DVC pushes. Such a link, or a broken one, is an error naming it. Linked folders are
+    not descended into (as before), but one that leads out of the export is refused too.
+    """
+    real_root = folder.resolve()
+    files: dict[str, Path] = {}
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        for d in dirs:
+            link = here / d
+            if link.is_symlink() and _wanted(link.relative_to(folder).as_posix() + "/x"):
+                _resolve_link(link, real_root)
+        for name in names:
+            path = here / name
+            rel = path.relative_to(folder).as_posix()
+            if not _wanted(rel):
+                continue
+            real = _resolve_link(path, real_root) if path.is_symlink() else path
+            if not real.is_file():
+                raise UpstreamFormatError(path, "is not a regular file")
+            files[rel] = real
+    return dict(sorted(files.items()))
+
+
+def _resolve_link(link: Path, real_root: Path) -> Path:
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise UpstreamFormatError(link, f"broken symbolic link (to {os.readlink(link)!r})") from None
+    if not target.is_relative_to(real_root):
+        raise UpstreamFormatError(
+            link,
+            f"symbolic link to {target}, outside the export folder {real_root}; refused "
+            "(it would copy a host file into data/raw)",
+        )
+    return target
 
 
 def _fetch_local_export(
@@ -120,32 +152,32 @@ def _fetch_local_export(
             f"CoralNet export folder for source {source_id} not found "
             "(export it from CoralNet and unpack it there, or change endpoints.coralnet_local_root)",
         )
-    rels = _local_files(folder)
-    if ANNOTATIONS not in rels:
+    files = _local_files(folder)
+    if ANNOTATIONS not in files:
         raise UpstreamFormatError(folder / ANNOTATIONS, f"CoralNet export s{source_id} has no {ANNOTATIONS}")
     rows: dict[str, ManifestRow] = {}
-    with bar(total=len(rels), desc=f"coralnet s{source_id}", unit="file") as pbar:
-        for rel in rels:
+    with bar(total=len(files), desc=f"coralnet s{source_id}", unit="file") as pbar:
+        for rel, real in files.items():
             src = folder / rel
             key = f"s{source_id}/{rel}"
             dest = out_dir / key
             url = str(src)
-            size = src.stat().st_size
-            md5 = file_digest(src, "md5")
+            size = real.stat().st_size
+            md5 = file_digest(real, "md5")
             prev = previous.get(key)
             if local_size(dest) == size:
                 local_md5 = prev.md5 if prev is not None and prev.size == size else file_digest(dest, "md5")
                 if local_md5 == md5:
-                    rows[key] = ManifestRow(key, size, md5, "", url)
+                    rows[key] = ManifestRow(key, size, md5, "", url, VERIFIED_MD5)
                     report.unchanged += 1
                     pbar.update(1)
                     continue
             with atomic_path(dest) as tmp:
-                shutil.copyfile(src, tmp)
+                shutil.copyfile(real, tmp)
             if file_digest(dest, "md5") != md5:
                 dest.unlink()
                 raise UpstreamFormatError(src, "changed while it was being copied; run the fetch again")
-            rows[key] = ManifestRow(key, size, md5, "", url)
+            rows[key] = ManifestRow(key, size, md5, "", url, VERIFIED_MD5)
             report.downloaded += 1
             report.bytes_downloaded += size
             pbar.update(1)

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from pathlib import Path
 
 from stages.cli import run_main
-from stages.config import load_params
+from stages.config import load_params, require
+from stages.errors import ConfigError
 from stages.executor import executor_settings
 from stages.fsutil import repo_root
+from stages.ingest import ingest_source
 from stages.ingest.common import write_metrics
 from stages.ingest.context import IngestContext
-
-ADAPTERS = ("mermaid", "coralnet", "coasttrain", "inat2017", "seatizen")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__)
-    parser.add_argument("source", choices=ADAPTERS)
+    parser.add_argument("source", help="a source declared in params.yaml `sources:`")
     parser.add_argument("--params", type=Path, default=None)
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    declared = sorted(require(params, "sources"))
+    if args.source not in declared:
+        raise ConfigError(f"params.yaml: no source {args.source!r} under `sources:`; declared: {declared}")
     jobs, scheduler = executor_settings(params)
     root = repo_root()
     ctx = IngestContext(
@@ -37,11 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs=jobs,
         scheduler=scheduler,
     )
-    adapter = importlib.import_module(f"stages.ingest.{args.source}")
     started = time.monotonic()
-    tables, extra = adapter.ingest(ctx)
-    tables.write(ctx.out_dir)
-    metrics = tables.metrics(extra)
+    metrics = ingest_source(ctx)
     write_metrics(root / "metrics" / "ingest" / f"{args.source}.json", metrics)
     seconds = time.monotonic() - started
     rate = metrics["samples"] / seconds if seconds > 0 else 0.0

@@ -152,8 +152,11 @@ def sample_info_columns(info: ImageInfo) -> dict[str, Any]:
 
 
 def dumps_labels(obj: Any) -> str:
-    """Compact canonical JSON for the label columns (sorted keys: equal labels, equal bytes)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Compact canonical JSON for the label columns (sorted keys: equal labels, equal bytes).
+
+    Strict: NaN or Infinity raise ValueError, so no reader downstream ever meets a non-JSON number.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def class_counts(values: Iterable[str | None]) -> dict[str, int]:

@@ -1,30 +1,27 @@
 """ingest@mermaid: the confirmed-annotations parquet and its PNGs -> samples, points, quarantine.
 
-Input records (every one ends as exactly one output row):
-- `points`: the rows of `mermaid_confirmed_annotations.parquet` (one row per annotated point).
-  Each becomes one POINTS row or one quarantine row with `record_kind = "point"`.
-- `images`: the distinct non-null `image_id`s of the parquet, plus any `<x>.png` in the raw folder
-  that no row references. Each becomes one SAMPLES row or one quarantine row with
-  `record_kind = "image"` (an unreferenced PNG is `no_annotation`).
-`metrics.inputs = {"images": n, "points": n}`, so `images == samples + quarantined images` and
-`points == points + quarantined points`.
+Input records (every one ends as exactly one output row; the runner checks the sums):
+- `point`: the rows of `mermaid_confirmed_annotations.parquet` (one row per annotated point).
+  Each becomes one POINTS row or one quarantine row.
+- `image`: the distinct non-null `image_id`s of the parquet, plus any `<x>.png` in the raw folder
+  that no row references (`no_annotation`). Each becomes one SAMPLES row or one quarantine row.
 
-Reasons, in the order they are tested (a record gets the first that applies):
-- point: `bad_record` (null image_id / point_id / attribute id, row or col not an integer) ->
-  `image_unusable` (its image was quarantined; the detail names the image's reason) ->
-  `point_outside_image` (not 0 <= row < H, 0 <= col < W) -> `duplicate_point` (a `point_id` or
-  an in-image (row, col) already kept; the first in (image_id, row, col, id) order is kept) ->
-  `unmapped_label` (benthic attribute id absent from the taxonomy snapshot).
-- image: `bad_record` (an image_id that is not a plain [A-Za-z0-9_-] id: it would name a path
-  outside the raw folder), `missing_image`, `empty_file`, `corrupt_image`, `image_too_large`,
-  `unsupported_format` (from the one probe of `<image_id>.png`), `no_annotation`.
+Reasons. Judged here, from the row alone, in this order: `bad_record` (null image_id / point_id /
+attribute id, row or col not an integer), `duplicate_point` (a `point_id` already given by an
+earlier row in (image_id, row, col, id) order), `unmapped_label` (benthic attribute id absent from
+the taxonomy snapshot). An image_id that is not a plain `[A-Za-z0-9_-]` id (it would name a path
+outside the raw folder) is a `bad_record` image, and its points `image_unusable`. Judged by the
+runner against the image (stages/ingest/runner.py): the probe's reasons for the image
+(`missing_image`, `empty_file`, `corrupt_image`, `image_too_large`, `unsupported_format`) with its
+points as `image_unusable`; `point_outside_image`; `geometry_mismatch` (too many points outside);
+`duplicate_point` for a repeated (row, col) in one image (the first in the order above stays).
 
-Ids: `sample_id = "mermaid-<image_id>"`; `point_id = "mermaid-<point_id>"`. The parquet's
-`point_id` (not its `id`) names the point: `id` is the annotation (classification) row, which
-MERMAID replaces when a point is re-classified, while `point_id` is the point's location in the
-image and survives a label correction, so a patch keeps its id (and split) when only its label
-changes. An image with every point quarantined is still a sample (`n_points = 0`): the image is
-fine, and dedup needs its hashes; pack skips samples whose `labels.n_points` is 0.
+Ids: `sample_id = make_sample_id("mermaid", image_id)`; `point_id = make_sample_id("mermaid",
+point_id)`. The parquet's `point_id` (not its `id`) names the point: `id` is the annotation
+(classification) row, which MERMAID replaces when a point is re-classified, while `point_id` is the
+point's location in the image and survives a label correction, so a patch keeps its id (and
+split) when only its label changes. An image with every point quarantined is still a sample
+(`n_points = 0`): the image is fine, and dedup needs its hashes; pack skips it.
 
 Group key: `region` = the parquet's `region_id` (a MEOW realm uuid, null for some images); there
 is no project, site or transect id upstream. No capture date or location exists in the file.
@@ -33,36 +30,33 @@ is no project, site or transect id upstream. No capture date or location exists 
     {"image_id": str, "region_id": str | null, "region_name": str | null,
      "points": [{"id", "point_id", "row", "col", "benthic_attribute_id", "benthic_attribute_name",
                  "growth_form_id", "growth_form_name", "updated_on"}, ...]}
-points in (row, col) order; `growth_form_*` "None"/"" -> null; `updated_on` ISO 8601 text.
+points in (row, col, point id) order; `growth_form_*` "None"/"" -> null; `updated_on` ISO 8601 text.
 
-`labels` (JSON): `stages.ingest.common.point_cover_labels` over the kept points: `n_points`, per
-benthic attribute id {name, top_level_category, count, cover, growth_forms[{id, name, count}]},
-per top-level category {count, cover}. Attribute names come from the taxonomy snapshot; the
-top-level category through its parent chain.
+`labels` (JSON): `stages.ingest.common.point_cover_labels` over the kept points. Attribute names
+come from the taxonomy snapshot; the top-level category through its parent chain.
+
+Memory: the parquet is read as Arrow (strings dictionary-encoded), ordered with an Arrow sort, and
+turned into Python values one image at a time.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.errors import UpstreamFormatError
-from stages.imaging import ImageInfo, ImageProblem
-from stages.ingest.common import (
-    Tables,
-    class_counts,
-    dumps_labels,
-    point_cover_labels,
-    probe_images,
-    sample_info_columns,
-)
 from stages.ingest.context import IngestContext
-from stages.progress import bar
+from stages.ingest.probe import image_work
+from stages.ingest.records import Point, Quarantine, Record, Report, Sample
 from stages.schema import make_sample_id
 from stages.taxonomy_index import Taxonomy
 
@@ -95,12 +89,24 @@ REQUIRED = (
     "growth_form_name",
     "region_id",
 )
+# Repeated values (an image's id on each of its points, a handful of attributes): dictionary-encoded.
+_DICTIONARY = (
+    "image_id",
+    "benthic_attribute_id",
+    "benthic_attribute_name",
+    "growth_form_id",
+    "growth_form_name",
+    "region_id",
+    "region_name",
+)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 _NULL_GROWTH = ("", "None")
+_NO_INT = -(1 << 62)
 
 
-def read_annotations(path: Path) -> dict[str, list[Any]]:
-    """The parquet's columns as Python lists; UpstreamFormatError when it is missing or reshaped."""
+def read_annotations(path: Path) -> pa.Table:
+    """The parquet's columns as Arrow (missing optional ones null); UpstreamFormatError when it is
+    missing or reshaped."""
     try:
         schema = pq.read_schema(path)
     except FileNotFoundError as exc:
@@ -116,14 +122,24 @@ def read_annotations(path: Path) -> dict[str, list[Any]]:
             f"missing {', '.join(missing)}; found {', '.join(found)}",
         )
     present = [c for c in COLUMNS if c in found]
+    dictionary = [c for c in _DICTIONARY if c in present and pa.types.is_string(schema.field(c).type)]
     try:
-        table = pq.read_table(path, columns=present)
+        # In batches: the decoded table plus one batch, not every decoded page at once.
+        reader = pq.ParquetFile(path, read_dictionary=dictionary)
+        batches = list(reader.iter_batches(batch_size=65536, columns=present, use_threads=False))
+        table = pa.Table.from_batches(
+            batches, schema=pa.schema([reader.schema_arrow.field(c) for c in present])
+        )
     except Exception as exc:
         raise UpstreamFormatError(path, f"not a readable parquet file ({exc})") from exc
-    out = {c: table.column(c).to_pylist() for c in present}
+    if table.num_rows == 0:
+        # Every image would become `no_annotation`: a source that lost all its annotations is a
+        # broken upstream, not an empty release.
+        raise UpstreamFormatError(path, "the annotations parquet has no rows")
     for c in COLUMNS:
-        out.setdefault(c, [None] * table.num_rows)
-    return out
+        if c not in present:
+            table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
+    return table
 
 
 def _text(value: Any) -> str | None:
@@ -167,198 +183,209 @@ def _coverage(mapped: int, total: int) -> dict[str, Any]:
     return {"mapped": mapped, "total": total, "ratio": round(mapped / total, 6) if total else None}
 
 
-def ingest(ctx: IngestContext) -> tuple[Tables, dict[str, Any]]:
+def _int_column(column: pa.ChunkedArray) -> np.ndarray:
+    """row/col as int64 with _NO_INT where the value is not an integer (sorted first, then refused)."""
+    if pa.types.is_integer(column.type):
+        return pc.fill_null(column.cast(pa.int64()), _NO_INT).to_numpy()
+    return np.array([_NO_INT if (v := _int(x)) is None else v for x in column.to_pylist()], dtype=np.int64)
+
+
+def _order(table: pa.Table, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Row indices in (image_id, row, col, id) order, so "first" never depends on upstream order."""
+    keys = pa.table(
+        {
+            "image_id": pc.fill_null(table.column("image_id").cast(pa.string()), ""),
+            "row": rows,
+            "col": cols,
+            "id": pc.fill_null(table.column("id").cast(pa.string()), ""),
+        }
+    )
+    return pc.sort_indices(
+        keys,
+        sort_keys=[
+            ("image_id", "ascending"),
+            ("row", "ascending"),
+            ("col", "ascending"),
+            ("id", "ascending"),
+        ],
+    ).to_numpy()
+
+
+def records(ctx: IngestContext, report: Report) -> Iterator[Record]:
     params = ctx.source_params
     parquet = ctx.raw_dir / str(params.get("annotations") or DEFAULT_ANNOTATIONS)
     parquet_rel = ctx.rel(parquet)
-    cols = read_annotations(parquet)
+    table = read_annotations(parquet)
     taxonomy = Taxonomy.load(ctx.taxonomy_dir)
-    tables = Tables(SOURCE)
-    n_rows = len(cols["image_id"])
+    n_rows = table.num_rows
+    report.inputs["point"] += n_rows
 
-    # Sorted by (image_id, row, col, id) ourselves, so "first kept" does not depend on how the
-    # upstream happened to order the file.
-    def order(i: int) -> tuple[str, int, int, str]:
-        r, c = _int(cols["row"][i]), _int(cols["col"][i])
-        return (
-            str(cols["image_id"][i] or ""),
-            r if r is not None else -(1 << 62),
-            c if c is not None else -(1 << 62),
-            str(cols["id"][i] or ""),
-        )
+    row_ix = _int_column(table.column("row"))
+    col_ix = _int_column(table.column("col"))
+    order = _order(table, row_ix, col_ix)
+    # Runs of one image in the sorted order, found on dictionary codes (no Python str per point);
+    # null/empty image ids sort first and are bad records.
+    sorted_ids = pc.fill_null(table.column("image_id").cast(pa.string()).take(pa.array(order)), "")
+    encoded = pc.dictionary_encode(sorted_ids).combine_chunks()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    names = encoded.dictionary.to_pylist()  # one per distinct image id
+    del sorted_ids, encoded
+    bounds = np.flatnonzero(np.diff(codes)) + 1 if n_rows else np.array([], dtype=np.int64)
+    starts = np.concatenate([[0], bounds]) if n_rows else bounds
+    ends = np.concatenate([bounds, [n_rows]]) if n_rows else bounds
+    runs: dict[str, tuple[int, int]] = {}
+    bad_image_rows: list[int] = []
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        image_id = names[codes[start]]
+        if _text(image_id) is None:
+            bad_image_rows.extend(range(start, end))
+        else:
+            runs[str(image_id)] = (start, end)
+    del codes, names
 
-    by_image: dict[str, list[int]] = {}
-    for i in sorted(range(n_rows), key=order):
-        image_id = _text(cols["image_id"][i])
-        if image_id is None:
-            record = _text(cols["point_id"][i]) or _text(cols["id"][i]) or f"row{i}"
-            tables.reject("point", record, parquet_rel, "bad_record", "image_id is null or empty")
-            continue
-        by_image.setdefault(image_id, []).append(i)
+    # The few point ids given twice; the first in order keeps its id.
+    counts = pc.value_counts(pc.drop_null(table.column("point_id").cast(pa.string())))
+    repeated = set(counts.filter(pc.greater(counts.field("counts"), 1)).field("values").to_pylist())
+    del counts
+    seen_repeated: dict[str, str] = {}
 
-    image_ids = sorted(by_image)
-    paths = {iid: ctx.raw_dir / f"{iid}.png" for iid in image_ids if _SAFE_ID.match(iid)}
-    probes = probe_images(
-        [str(p) for p in paths.values()], ctx.max_pixels, ctx.jobs, ctx.scheduler, desc="mermaid images"
+    growth = pc.utf8_trim_whitespace(table.column("growth_form_id").cast(pa.string()))
+    growth_null_rows = int(
+        pc.sum(
+            pc.or_kleene(pc.is_null(growth), pc.is_in(growth, pa.array(_NULL_GROWTH))).cast(pa.int64())
+        ).as_py()
+        or 0
     )
+    del growth
+    columns = [c for c in COLUMNS if c not in ("row", "col")]
+    crosswalk = Counter()
+    regions: Counter[str] = Counter()
 
-    # PNGs nobody references (e.g. left by an earlier, larger snapshot) are inputs too.
+    for k in bad_image_rows:
+        i = int(order[k])
+        rec = table.slice(i, 1).to_pylist()[0]
+        record = _text(rec["point_id"]) or _text(rec["id"]) or f"row{i}"
+        yield Quarantine("point", record, parquet_rel, "bad_record", "image_id is null or empty")
+
     orphans = sorted(
-        p
-        for p in ctx.raw_dir.glob("*.png")
-        if not p.name.endswith("_thumbnail.png") and p.stem not in by_image
+        p for p in ctx.raw_dir.glob("*.png") if not p.name.endswith("_thumbnail.png") and p.stem not in runs
     )
+    report.inputs["image"] += len(runs) + len(orphans)
     for p in orphans:
-        tables.reject("image", p.stem, ctx.rel(p), "no_annotation", "no parquet row references this image")
+        yield Quarantine("image", p.stem, ctx.rel(p), "no_annotation", "no parquet row references this image")
 
-    seen_points: set[str] = set()
-    kept_attrs: list[str] = []
-    kept_tops: list[str] = []
-    reached_crosswalk = 0
-    growth_null_rows = sum(1 for v in cols["growth_form_id"] if _growth(v) is None)
-
-    with bar(total=n_rows, desc="mermaid points", unit="pt") as progress:
-        for image_id in image_ids:
-            rows = by_image[image_id]
-            progress.update(len(rows))
-            path = paths.get(image_id)
-            image_rel = ctx.rel(path) if path is not None else parquet_rel
-            problem: ImageProblem | None
-            info: ImageInfo | None = None
-            if path is None:
-                problem = ImageProblem("bad_record", f"image_id {image_id!r} is not a plain id")
-            else:
-                result = probes[str(path)]
-                problem = result if isinstance(result, ImageProblem) else None
-                info = result if isinstance(result, ImageInfo) else None
-            if problem is not None:
-                tables.reject("image", image_id, image_rel, problem.reason, problem.detail)
-
-            kept: list[dict[str, Any]] = []
-            native_points: list[dict[str, Any]] = []
-            seen_rc: dict[tuple[int, int], str] = {}
-            for i in rows:
-                record = _text(cols["point_id"][i]) or _text(cols["id"][i]) or f"{image_id}-row{i}"
-                point_id = _text(cols["point_id"][i])
-                attr_id = _text(cols["benthic_attribute_id"][i])
-                r, c = _int(cols["row"][i]), _int(cols["col"][i])
-                bad = []
-                if point_id is None:
-                    bad.append("point_id is null")
-                if r is None or c is None:
-                    bad.append(f"row/col not integers ({cols['row'][i]!r}, {cols['col'][i]!r})")
-                if attr_id is None:
-                    bad.append("benthic_attribute_id is null")
-                if bad:
-                    tables.reject("point", record, parquet_rel, "bad_record", "; ".join(bad))
-                    continue
-                assert point_id is not None and r is not None and c is not None and attr_id is not None
-                if problem is not None or info is None:
-                    detail = f"image {image_id}.png: {problem.reason if problem else 'unknown'}"
-                    if problem is not None and problem.detail:
-                        detail += f" ({problem.detail})"
-                    tables.reject("point", record, parquet_rel, "image_unusable", detail)
-                    continue
-                if not (0 <= r < info.height and 0 <= c < info.width):
-                    tables.reject(
-                        "point",
-                        record,
-                        parquet_rel,
-                        "point_outside_image",
-                        f"(row, col) = ({r}, {c}) outside {info.width}x{info.height} image {image_id}.png",
+    for sample_id, image_id in sorted((make_sample_id(SOURCE, i), i) for i in runs):
+        start, end = runs[image_id]
+        idx = pa.array(order[start:end])
+        rows = table.select(columns).take(idx).to_pylist()
+        rr, cc = row_ix[order[start:end]], col_ix[order[start:end]]
+        regions[_text(rows[0]["region_id"]) or "null"] += 1
+        safe = bool(_SAFE_ID.match(image_id))
+        path = ctx.raw_dir / f"{image_id}.png"
+        points: list[Point] = []
+        unusable: list[str] = []
+        for rec, r, c, k in zip(rows, rr.tolist(), cc.tolist(), range(start, end)):
+            point_id = _text(rec["point_id"])
+            record = point_id or _text(rec["id"]) or f"{image_id}-row{int(order[k])}"
+            attr_id = _text(rec["benthic_attribute_id"])
+            bad = []
+            if point_id is None:
+                bad.append("point_id is null")
+            if r == _NO_INT or c == _NO_INT:
+                raw = table.column("row")[int(order[k])].as_py(), table.column("col")[int(order[k])].as_py()
+                bad.append(f"row/col not integers ({raw[0]!r}, {raw[1]!r})")
+            if attr_id is None:
+                bad.append("benthic_attribute_id is null")
+            if bad:
+                yield Quarantine("point", record, parquet_rel, "bad_record", "; ".join(bad))
+                continue
+            assert point_id is not None and attr_id is not None
+            if point_id in repeated:
+                first = seen_repeated.setdefault(point_id, f"{image_id} ({r}, {c})")
+                if first != f"{image_id} ({r}, {c})":
+                    yield Quarantine(
+                        "point", record, parquet_rel, "duplicate_point", f"point_id already given at {first}"
                     )
                     continue
-                pid = make_sample_id(SOURCE, point_id)
-                if pid in seen_points or (r, c) in seen_rc:
-                    first = pid if pid in seen_points else seen_rc[(r, c)]
-                    what = "point_id already kept" if pid in seen_points else f"(row, col) = ({r}, {c})"
-                    tables.reject(
-                        "point", record, parquet_rel, "duplicate_point", f"{what}: first kept as {first}"
-                    )
-                    continue
-                seen_points.add(pid)
-                seen_rc[(r, c)] = pid
-                reached_crosswalk += 1
-                attr = taxonomy.attributes.get(attr_id)
-                if attr is None:
-                    tables.reject(
-                        "point",
-                        record,
-                        parquet_rel,
-                        "unmapped_label",
-                        f"benthic attribute {attr_id} ({cols['benthic_attribute_name'][i]!r}) "
-                        "is not in the taxonomy snapshot",
-                    )
-                    continue
-                top = taxonomy.top_level(attr_id)
-                gf_id = _growth(cols["growth_form_id"][i])
-                gf_name = _growth(cols["growth_form_name"][i])
-                if gf_id is not None and gf_id in taxonomy.growth_forms:
-                    gf_name = taxonomy.growth_forms[gf_id]
-                point = {
-                    "point_id": pid,
-                    "sample_id": make_sample_id(SOURCE, image_id),
-                    "row": r,
-                    "col": c,
-                    "source_label_id": attr_id,
-                    "source_label": _text(cols["benthic_attribute_name"][i]),
-                    "benthic_attribute_id": attr_id,
-                    "benthic_attribute_name": attr["name"],
-                    "growth_form_id": gf_id,
-                    "growth_form_name": gf_name,
-                    "top_level_category": top,
-                }
-                tables.add_point(point)
-                kept.append(point)
-                kept_attrs.append(attr["name"])
-                kept_tops.append(top)
-                native_points.append(
-                    {
-                        "id": _text(cols["id"][i]),
+            if not safe:
+                unusable.append(record)
+                continue
+            crosswalk["total"] += 1
+            attr = taxonomy.attributes.get(attr_id)
+            if attr is None:
+                yield Quarantine(
+                    "point",
+                    record,
+                    parquet_rel,
+                    "unmapped_label",
+                    f"benthic attribute {attr_id} ({rec['benthic_attribute_name']!r}) "
+                    "is not in the taxonomy snapshot",
+                )
+                continue
+            crosswalk["mapped"] += 1
+            gf_id, gf_name = _growth(rec["growth_form_id"]), _growth(rec["growth_form_name"])
+            points.append(
+                Point(
+                    point_id=make_sample_id(SOURCE, point_id),
+                    row=r,
+                    col=c,
+                    record_id=record,
+                    labels={
+                        "source_label_id": attr_id,
+                        "source_label": _text(rec["benthic_attribute_name"]),
+                        "benthic_attribute_id": attr_id,
+                        "benthic_attribute_name": attr["name"],
+                        "growth_form_id": gf_id,
+                        "growth_form_name": taxonomy.growth_forms.get(gf_id, gf_name) if gf_id else gf_name,
+                        "top_level_category": taxonomy.top_level(attr_id),
+                    },
+                    native={
+                        "id": _text(rec["id"]),
                         "point_id": point_id,
                         "row": r,
                         "col": c,
                         "benthic_attribute_id": attr_id,
-                        "benthic_attribute_name": _text(cols["benthic_attribute_name"][i]),
-                        "growth_form_id": _growth(cols["growth_form_id"][i]),
-                        "growth_form_name": _growth(cols["growth_form_name"][i]),
-                        "updated_on": _iso(cols["updated_on"][i]),
-                    }
+                        "benthic_attribute_name": _text(rec["benthic_attribute_name"]),
+                        "growth_form_id": gf_id,
+                        "growth_form_name": gf_name,
+                        "updated_on": _iso(rec["updated_on"]),
+                    },
                 )
-            if problem is not None or info is None:
-                continue
-            first = rows[0]
-            region_id = _text(cols["region_id"][first])
-            native = {
-                "image_id": image_id,
-                "region_id": region_id,
-                "region_name": _text(cols["region_name"][first]),
-                "points": sorted(native_points, key=lambda p: (p["row"], p["col"], p["point_id"])),
-            }
-            tables.add_sample(
-                {
-                    "sample_id": make_sample_id(SOURCE, image_id),
-                    "upstream_id": image_id,
-                    "image_path": image_rel,
-                    "image_format": info.format,
-                    **sample_info_columns(info),
-                    "region": region_id,
-                    "license": params.get("license"),
-                    "attribution": params.get("attribution"),
-                    "native_labels": dumps_labels(native),
-                    "labels": dumps_labels(point_cover_labels(kept)),
-                    "n_points": len(kept),
-                }
             )
+        if not safe:
+            detail = f"image_id {image_id!r} is not a plain id"
+            yield Quarantine("image", image_id, parquet_rel, "bad_record", detail)
+            for record in unusable:
+                yield Quarantine(
+                    "point", record, parquet_rel, "image_unusable", f"image {image_id}: bad_record ({detail})"
+                )
+            continue
+        first = rows[0]
+        yield Sample(
+            sample_id=sample_id,
+            upstream_id=image_id,
+            work=image_work(ctx, path),
+            columns={
+                "image_path": ctx.rel(path),
+                "region": _text(first["region_id"]),
+                "license": params.get("license"),
+                "attribution": params.get("attribution"),
+                "native_labels": {
+                    "image_id": image_id,
+                    "region_id": _text(first["region_id"]),
+                    "region_name": _text(first["region_name"]),
+                },
+            },
+            file=ctx.rel(path),
+            points=points,
+            points_file=parquet_rel,
+            native_points_key="points",
+        )
 
-    extra = {
-        "inputs": {"images": len(image_ids) + len(orphans), "points": n_rows},
-        "crosswalk": _coverage(len(tables.points), reached_crosswalk),
-        "classes": {
-            "benthic_attribute": class_counts(kept_attrs),
-            "top_level_category": class_counts(kept_tops),
-        },
-        "growth_form_null_rows": growth_null_rows,
-        "regions": dict(sorted(Counter(s["region"] or "null" for s in tables.samples).items())),
-    }
-    return tables, extra
+    report.extra.update(
+        {
+            "crosswalk": _coverage(crosswalk["mapped"], crosswalk["total"]),
+            "growth_form_null_rows": growth_null_rows,
+            "regions": dict(sorted(regions.items())),
+        }
+    )

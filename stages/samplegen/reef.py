@@ -522,12 +522,13 @@ class _MermaidImage:
 
 
 def _mermaid_image(key: str, case: str = "", size: tuple[int, int] | None = None,
-                   region: str | None = None, random_region: bool = True) -> _MermaidImage:
+                   region: str | None = None, random_region: bool = True,
+                   n_points: int = MERMAID_POINTS_PER_IMAGE) -> _MermaidImage:
     rng = rng_for("reef", "mermaid", "image", key)
     h, w = size or _image_size(rng)
     if random_region:
         region = IMAGE_REGIONS[_pick(rng, [wt for _, wt in IMAGE_REGIONS])][0]
-    n_side = int(math.isqrt(MERMAID_POINTS_PER_IMAGE))
+    n_side = int(math.isqrt(n_points))
     ch, cw = h / n_side, w / n_side
     points = []
     for i in range(n_side):
@@ -596,9 +597,10 @@ def _generate_mermaid(out: Path, params: dict, scale: float) -> tuple[dict, list
                                random_region=False)
     missing = _mermaid_image("planted-missing-image", "missing_image", (540, 720), "Tropical Atlantic",
                              random_region=False)
+    # 64 points, 3 pushed off the image (the boundary row == H, a column past W, a negative row):
+    # 4.7%, under ingest.max_outside_share, so only those three are quarantined.
     outside = _mermaid_image("planted-points-outside", "points_outside", (480, 640), None,
-                             random_region=False)
-    # Three points pushed off the image: the boundary row == H, a column past W, a negative row.
+                             random_region=False, n_points=64)
     h, w = outside.height, outside.width
     outside_edits = {
         3: (h, outside.points[3][1]),
@@ -607,7 +609,12 @@ def _generate_mermaid(out: Path, params: dict, scale: float) -> tuple[dict, list
     }
     for k, rc in outside_edits.items():
         outside.points[k] = rc
-    images += [cross, truncated, missing, outside]
+    # Points placed for a 1200x1600 image on a 480x640 one (an export paired with another image or
+    # another size of it): most points fall outside, so the whole image is a geometry mismatch.
+    mismatch = _mermaid_image("planted-geometry-mismatch", "geometry_mismatch", (1200, 1600), None,
+                              random_region=False)
+    mismatch.height, mismatch.width = 480, 640
+    images += [cross, truncated, missing, outside, mismatch]
 
     all_rows: list[dict[str, Any]] = []
     jobs: list[ImageJob] = []
@@ -660,7 +667,7 @@ def _generate_mermaid(out: Path, params: dict, scale: float) -> tuple[dict, list
         "root": rel_root,
         "parquet": f"{rel_root}{parquet_name}",
         "images": len(images),
-        "regular_images": len(images) - 4,
+        "regular_images": len(images) - 5,
         "points": len(all_rows),
         "points_per_image": MERMAID_POINTS_PER_IMAGE,
         "region_null_images": sum(1 for i in images if i.region is None),
@@ -688,6 +695,12 @@ def _generate_mermaid(out: Path, params: dict, scale: float) -> tuple[dict, list
                 }
                 for rc, why in zip(outside_edits.values(), ["row == H", "col > W", "row < 0"])
             ],
+        },
+        "geometry_mismatch": {
+            "image_id": mismatch.image_id, "file": rel(mismatch), "height": mismatch.height,
+            "width": mismatch.width, "points": len(mismatch.points),
+            "outside": sum(1 for r, c in mismatch.points if not (r < mismatch.height and c < mismatch.width)),
+            "note": "points placed for a 1200x1600 image; the PNG is 480x640",
         },
     }
     return info, jobs
