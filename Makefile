@@ -8,19 +8,36 @@ SCALE ?= 1
 IMAGES ?= 10000
 POINTS ?= 100000 1000000
 BENCH_ARGS ?=
+DIFF_DIR ?= build/diff
+DIFF_ARGS ?=
+WALK_SCALE ?= 1
+WALK_GROW ?= 1.5
+WALK_DIR ?= build/walkthrough
 
-.PHONY: venv demo test lint deps bench bench-points release diff clean
+.PHONY: venv demo serve walkthrough test lint deps bench bench-points release diff clean
 
 venv: $(STAMP)
 
 # The stamp is newer than requirements.txt once the pinned set is installed; edits reinstall.
+# Messages go to stderr: `make diff ... > pr.md` must hold the diff alone, even on a first run.
 $(STAMP): requirements.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@echo "installing requirements.txt into $(VENV) ..." >&2
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) >&2
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt >&2
 	@touch $@
 
 demo: venv
 	$(PY) -m stages.demo --scale $(SCALE)
+
+# Serve the demo's upstreams and its DVC remote (kept in build/loopback-s3) again; prints the
+# `export` lines that point dvc and the stages at it from another shell.
+serve: venv
+	$(PY) -m stages.loopback serve --upstream build/upstream --store build/loopback-s3 --overlay build/endpoints.yaml
+
+# The whole release story on loopback (docs/releases.md, "Walkthrough"): build, release v0.1.0,
+# grow, build, release v0.2.0, fresh clone + pull, dvc import / get, make diff.
+walkthrough: venv
+	$(PY) -m stages.walkthrough --workdir $(WALK_DIR) --scale $(WALK_SCALE) --grow-scale $(WALK_GROW)
 
 test: venv
 	$(PY) -m ruff check .
@@ -46,9 +63,11 @@ release: venv
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
 	$(PY) -m stages.release_cut $(VERSION)
 
+# Only the diff reaches stdout (no echoed command), so `make diff A=.. B=.. > pr.md` is clean;
+# the pictures it embeds are written to $(DIFF_DIR).
 diff: venv
-	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make diff A=<rev> B=<rev>"; exit 2; }
-	$(PY) -m stages.diff $(A) $(B)
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make diff A=<rev> B=<rev>" >&2; exit 2; }
+	@$(PY) -m stages.diff "$(A)" "$(B)" --pictures $(DIFF_DIR) $(DIFF_ARGS)
 
 clean:
 	rm -rf build data/.downloads

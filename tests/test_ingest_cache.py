@@ -11,22 +11,30 @@ from pathlib import Path
 import pytest
 from conftest import ingest_context
 
-from stages.ingest import coasttrain_npz, ingest_source, probe
+from stages.ingest import ingest_source, probe
 
 TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet")
 # Sources on the record protocol, and how their probed input files are named in data/raw/<source>.
 PORTED = {
     "mermaid": lambda key: key.endswith(".png") and not key.endswith("_thumbnail.png"),
+    # every file of images.zip but the raster mask and its colour table (an image and its mask
+    # are one unit)
+    "seatizen": lambda key: key.startswith("2024_dataset/")
+    and not key.rsplit("/", 1)[-1].startswith("annotation_mask_")
+    and not key.endswith("/color.txt"),
+    "inat2017": lambda key: key.startswith("train_val_images/"),
     "coasttrain": lambda key: key.endswith(".npz"),
 }
 
 
-NAMESPACES = {"coasttrain": coasttrain_npz.NAMESPACE}
-
-
 def _stats(cache: Path, source: str) -> dict:
+    """Counters over every namespace of the stage (a plain image probe, an image with its mask)."""
     doc = json.loads((cache / "stats" / f"ingest@{source}.json").read_text())
-    return doc["namespaces"][NAMESPACES.get(source, probe.IMAGE_NAMESPACE)]
+    total: dict[str, int] = {}
+    for counters in doc["namespaces"].values():
+        for key, n in counters.items():
+            total[key] = total.get(key, 0) + n
+    return total
 
 
 def _manifest(root: Path, source: str) -> dict[str, str]:

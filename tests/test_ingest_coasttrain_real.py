@@ -211,9 +211,8 @@ def test_real_record_with_the_projects_remap_quarantines_land_and_the_superseded
         "csv_rows": 5,
         "csv_rows_joined": 0,
         "npz": 7,
-        "quarantined": 7,
+        "quarantined": {"superseded": 2, "unknown_class": 5},
         "samples": 0,
-        "superseded": 2,
     }
 
 

@@ -67,6 +67,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from stages import schema
 from stages.errors import ConfigError, TidepoolError, UpstreamFormatError
 from stages.ingest.coasttrain_meta import (
@@ -268,12 +272,15 @@ class _Tally:
     joined: int = 0
     without_row: int = 0
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self, quarantine: Path) -> dict[str, Any]:
+        """Once the tables are written: `quarantine` (the closed table) gives each record's npz
+        quarantined per reason, including the work's verdicts, which no `Sample.build` sees."""
+        reasons = _image_reasons_per_record(quarantine)
         records = {}
         for record, counts in sorted(self.per_record.items()):
-            keys = ("npz", "samples", "superseded", "csv_rows", "csv_rows_joined")
-            row = {k: counts[k] for k in keys}
-            row["quarantined"] = counts["npz"] - counts["samples"]
+            keys = ("npz", "samples", "csv_rows", "csv_rows_joined")
+            row: dict[str, Any] = {k: counts[k] for k in keys}
+            row["quarantined"] = dict(sorted(reasons.get(record, {}).items()))
             records[record] = dict(sorted(row.items()))
         labelled = self.samples + self.unknown_npz
         return {
@@ -290,6 +297,18 @@ class _Tally:
             "class_pixels": dict(sorted(self.class_pixels.items())),
             "records": records,
         }
+
+
+def _image_reasons_per_record(quarantine: Path) -> dict[str, dict[str, int]]:
+    """record -> reason -> quarantined npz, from the written table (a pyarrow group-by)."""
+    table = pq.read_table(quarantine, columns=["record_kind", "record_id", "reason"])
+    table = table.filter(pc.equal(table["record_kind"], "image"))
+    record = pc.list_element(pc.split_pattern(table["record_id"], "/", max_splits=1), 0)
+    counts = pa.table({"record": record, "reason": table["reason"]}).group_by(["record", "reason"])
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for row in counts.aggregate([("reason", "count")]).to_pylist():
+        out[row["record"]][row["reason"]] = int(row["reason_count"])
+    return out
 
 
 _LABEL_NAMES = (*COMMON_CLASSES, "ignore")
@@ -398,7 +417,6 @@ def _scan_record(
             continue
         for it in superseded:
             assert it.session is not None and winner.session is not None
-            tally.per_record[record]["superseded"] += 1
             yield Quarantine(
                 "image",
                 it.upstream_id,
@@ -516,4 +534,5 @@ def records(ctx: IngestContext, report: Report) -> Iterator[Record]:
             build=partial(_build, it, tally, file),
         )
     report.extra["block_degrees"] = degrees
-    report.after = tally.metrics
+    quarantine = ctx.out_dir / "quarantine.parquet"
+    report.on_finish.append(lambda: report.extra.update(tally.metrics(quarantine)))

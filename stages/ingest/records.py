@@ -119,9 +119,9 @@ class Report:
 
     inputs: Counter[str] = field(default_factory=Counter)  # input records per record_kind
     extra: dict[str, Any] = field(default_factory=dict)  # source-specific metrics
-    # Files beside the tables (e.g. a class list), by name under out_dir: written by the runner,
-    # so they are not swept away as stale.
+    # Files under out_dir besides the tables (e.g. a class list), by name relative to it: written
+    # by the runner once the records are done, and kept by its cleanup of stale files.
     files: dict[str, bytes] = field(default_factory=dict)
-    # Called once every sample is finished (after the last `Sample.build`): more metrics for
-    # `extra`, for counts that only the kept samples can give.
-    after: Callable[[], dict[str, Any]] | None = None
+    # Called once every sample is finished (its work judged, its row written or quarantined) and
+    # before the metrics are assembled: for metrics of what was kept (counted in `Sample.build`).
+    on_finish: list[Callable[[], None]] = field(default_factory=list)

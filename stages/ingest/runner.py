@@ -23,8 +23,9 @@ all sources:
 - accounting: for every record kind, inputs (`report.inputs`) == rows it ended as (samples, points)
   + quarantine rows of that kind, or the stage fails (a bug, not bad input);
 - metrics: counts, quarantine by reason, classes counted from the written points table with a
-  pyarrow group-by, plus the adapter's `report.extra` (and `report.after()`, called once the last
-  sample is finished); `report.files` are written beside the tables.
+  pyarrow group-by, plus the adapter's `report.extra` (completed by its `report.on_finish` hooks,
+  which run once every sample is finished); the adapter's `report.files` are written beside the
+  tables.
 
 Memory: one window of samples (and their points) at a time, the tables' current row group, and
 per point one 8-byte id hash (the uniqueness check). No table is ever held as Python objects.
@@ -429,14 +430,14 @@ def run(ctx: IngestContext, adapter: ModuleType) -> dict[str, Any]:
                 for sample, result in zip(window, _work(state, ex, window)):
                     state.finish(sample, result)
                 progress.update(len(window))
-        if report.after is not None:
-            report.extra.update(report.after())
-        for name, data in sorted(report.files.items()):
-            state._write_file(name, data)
         writers.close()
     except BaseException as exc:
         writers.abort(exc)
         raise
+    for name, data in sorted(report.files.items()):
+        state._write_file(name, data)
+    for hook in report.on_finish:
+        hook()
     _check_point_ids(state)
     stale = _clean_stale(out_dir, state.written_files)
 
