@@ -323,7 +323,7 @@ def test_a_folder_or_symlink_where_an_image_belongs_is_quarantined(handmade, tmp
     raw = handmade.raw_dir
     (raw / "img-b.png").unlink()
     (raw / "img-b.png").mkdir()
-    outside = tmp_path / "host-secret.png"
+    outside = tmp_path.parent / f"{tmp_path.name}-host-secret.png"  # outside the project root
     _png(outside, 8, 8, 7)
     (raw / "img-a.png").unlink()
     (raw / "img-a.png").symlink_to(outside)

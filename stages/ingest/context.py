@@ -28,8 +28,14 @@ class IngestContext:
         return int(self.params["limits"]["max_image_pixels"])
 
     def rel(self, path: Path) -> str:
-        """A path as stored in the tables: relative to the repo root, POSIX separators."""
-        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        """A path as stored in the tables: relative to the repo root, POSIX separators.
+
+        The last component is not followed: a symlink in data/raw is named where it sits (and
+        quarantined by the probe), whatever it points to, even outside the repository.
+        """
+        path = Path(path)
+        where = path.parent.resolve() / path.name
+        return where.relative_to(self.root.resolve()).as_posix()
 
     def out_rel(self, path: Path) -> str:
         """An output path (under out_dir) as stored in the tables: `data/interim/<source>/...`.
