@@ -15,7 +15,11 @@ from stages.ingest import ingest_source, probe
 
 TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet")
 # Sources on the record protocol, and how their probed input files are named in data/raw/<source>.
-PORTED = {"mermaid": lambda key: key.endswith(".png") and not key.endswith("_thumbnail.png")}
+PORTED = {
+    "mermaid": lambda key: key.endswith(".png") and not key.endswith("_thumbnail.png"),
+    # Files directly in an export's images/ (the sample upstream references all of them).
+    "coralnet": lambda key: key.count("/") == 2 and key.split("/")[1] == "images",
+}
 
 
 def _stats(cache: Path, source: str) -> dict:
