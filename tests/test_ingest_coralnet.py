@@ -620,11 +620,45 @@ def test_one_bad_export_fails_by_default_or_is_quarantined_whole(fetched_root, t
     assert [(r["record_id"], r["reason"], r["file"]) for r in bad] == [
         ("s1073", "bad_export", "data/raw/coralnet/s1073/annotations.csv")
     ]
-    assert "missing Row" in bad[0]["detail"] and "missing Row" in m["bad_exports"]["s1073"]
+    assert "missing Row" in bad[0]["detail"]
+    assert m["bad_exports"] == {"s1073": f"data/raw/coralnet/s1073/annotations.csv: {bad[0]['detail']}"}
     assert m["inputs"]["export"] == 3 and sorted(m["exports"]) == ["s2012", "s3120"]
     good = result["metrics"]["exports"]
     assert m["inputs"]["point"] == good["s2012"]["rows"] + good["s3120"]["rows"]
     assert {s["upstream_id"].split("/")[0] for s in read(ctx.out_dir, "samples")} == {"s2012", "s3120"}
+
+
+def test_the_stage_cli_names_the_bad_export_in_one_line(fetched_root, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = _copy_raw(fetched_root, tmp_path)
+    shutil.copytree(fetched_root / "data/taxonomy", root / "data/taxonomy")
+    csv_path = root / "data/raw/coralnet/s2012/annotations.csv"
+    csv_path.write_bytes(csv_path.read_bytes().split(b"\n", 1)[0] + b"\n")  # header only
+    params = ingest_context("coralnet", root).params
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "TIDEPOOL_PROGRESS": "0", "TIDEPOOL_CACHE": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.ingest", "coralnet", "--params", str(root / "params.yaml")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: {csv_path}: CoralNet export s2012: no data rows, only a header: a source that lost its "
+        "annotations is not an empty release (to ingest the other exports without it, set "
+        "ingest.on_bad_export: quarantine)"
+    )
+    assert "Traceback" not in proc.stderr
 
 
 def test_on_bad_export_must_be_fail_or_quarantine(fetched_root):

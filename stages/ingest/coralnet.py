@@ -502,11 +502,11 @@ def records(ctx: IngestContext, report: Report) -> Iterator[Record]:
                     f"CoralNet export {spec.name}: {exc.problem} (to ingest the other exports without it, "
                     "set ingest.on_bad_export: quarantine)",
                 ) from exc
-            stats.bad_exports[spec.name] = str(exc)
             try:
                 file = ctx.rel(Path(exc.path))
             except ValueError:
                 file = f"{ctx.rel(ctx.raw_dir)}/{spec.name}"
+            stats.bad_exports[spec.name] = f"{file}: {exc.problem}"  # repo-relative: metrics are stable
             yield Quarantine("export", spec.name, file, "bad_export", exc.problem)
             continue
         report.read["export"] += 1

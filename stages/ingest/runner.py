@@ -57,7 +57,9 @@ from stages.progress import bar
 TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet")
 WINDOW = 256  # samples per round of work: bounds memory, keeps every worker busy
 DEFAULT_MAX_OUTSIDE_SHARE = 0.05
-ROWS_PER_GROUP = {"samples": 4096, "points": 65536, "quarantine": 65536}
+# A sample row carries its points' native labels (a CoralNet image: ~200 points, ~50 KB of JSON),
+# and a row group is held in memory until it is written: 512 samples keep that near 25 MB.
+ROWS_PER_GROUP = {"samples": 512, "points": 65536, "quarantine": 65536}
 
 
 def _call(item: tuple[Any, Any, Cached]) -> tuple[WorkResult, str, int]:
