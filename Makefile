@@ -6,20 +6,38 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 SCALE ?= 1
 IMAGES ?= 10000
+POINTS ?= 100000 1000000
 BENCH_ARGS ?=
+DIFF_DIR ?= build/diff
+DIFF_ARGS ?=
+WALK_SCALE ?= 1
+WALK_GROW ?= 1.5
+WALK_DIR ?= build/walkthrough
 
-.PHONY: venv demo test lint deps bench release diff clean
+.PHONY: venv demo serve walkthrough test lint deps bench bench-points release diff clean
 
 venv: $(STAMP)
 
 # The stamp is newer than requirements.txt once the pinned set is installed; edits reinstall.
+# Messages go to stderr: `make diff ... > pr.md` must hold the diff alone, even on a first run.
 $(STAMP): requirements.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@echo "installing requirements.txt into $(VENV) ..." >&2
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) >&2
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt >&2
 	@touch $@
 
 demo: venv
 	$(PY) -m stages.demo --scale $(SCALE)
+
+# Serve the demo's upstreams and its DVC remote (kept in build/loopback-s3) again; prints the
+# `export` lines that point dvc and the stages at it from another shell.
+serve: venv
+	$(PY) -m stages.loopback serve --upstream build/upstream --store build/loopback-s3 --overlay build/endpoints.yaml
+
+# The whole release story on loopback (docs/releases.md, "Walkthrough"): build, release v0.1.0,
+# grow, build, release v0.2.0, fresh clone + pull, dvc import / get, make diff.
+walkthrough: venv
+	$(PY) -m stages.walkthrough --workdir $(WALK_DIR) --scale $(WALK_SCALE) --grow-scale $(WALK_GROW)
 
 test: venv
 	$(PY) -m ruff check .
@@ -36,13 +54,20 @@ deps: venv
 bench: venv
 	$(PY) -m bench.run --images $(IMAGES) $(BENCH_ARGS)
 
+# Points-heavy mode: the table stages at real point counts on small images (bench/points_heavy.py);
+# `make bench-points POINTS="1000000 5000000"`.
+bench-points: venv
+	$(PY) -m bench.points_heavy $(foreach p,$(POINTS),--points $(p)) $(BENCH_ARGS)
+
 release: venv
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
 	$(PY) -m stages.release_cut $(VERSION)
 
+# Only the diff reaches stdout (no echoed command), so `make diff A=.. B=.. > pr.md` is clean;
+# the pictures it embeds are written to $(DIFF_DIR).
 diff: venv
-	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make diff A=<rev> B=<rev>"; exit 2; }
-	$(PY) -m stages.diff $(A) $(B)
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make diff A=<rev> B=<rev>" >&2; exit 2; }
+	@$(PY) -m stages.diff "$(A)" "$(B)" --pictures $(DIFF_DIR) $(DIFF_ARGS)
 
 clean:
 	rm -rf build data/.downloads

@@ -1,8 +1,11 @@
 """`make demo`: generate the sample upstreams, serve them on loopback, `dvc repro`, `dvc push`, summarise.
 
 The pipeline code that runs here is the code that runs against the real upstreams: only the
-endpoints overlay (build/endpoints.yaml) and the DVC remote's endpointurl (.dvc/config.local)
-point it at the loopback servers.
+endpoints overlay (build/endpoints.yaml) and, for DVC, the environment (`AWS_ENDPOINT_URL_S3`,
+`Loopback.remote_env`) point it at the loopback servers. Nothing is written to
+`.dvc/config.local`, so no config names a port that dies with the demo; an endpoint an older demo
+left there is removed. The DVC remote bucket is kept in `build/loopback-s3/` (STORE): the pushed
+data survives the demo, and `make serve` serves it again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,40 @@ from stages.errors import TidepoolError
 from stages.fsutil import repo_root
 
 SOURCES = ("mermaid", "coralnet", "coasttrain", "inat2017", "seatizen")
+STORE = Path("build/loopback-s3")
+DVC_REMOTE = "storage"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def clear_loopback_endpoint(root: Path, remote: str = DVC_REMOTE) -> str | None:
+    """Remove `remote`'s endpointurl from `.dvc/config.local` when it names a loopback address.
+
+    Earlier demos wrote the loopback S3's port there; once that server is gone every `dvc pull`
+    would hang on a dead port. A non-loopback endpoint is the user's own setting and stays.
+    Returns the removed URL, or None.
+    """
+    from urllib.parse import urlsplit
+
+    from stages.loopback import dvc_command
+
+    if not (root / ".dvc" / "config.local").exists():
+        return None
+    get = subprocess.run([*dvc_command(), "config", "--local", f"remote.{remote}.endpointurl"],
+                         cwd=root, capture_output=True, text=True, check=False)  # fmt: skip
+    url = get.stdout.strip()
+    if get.returncode != 0 or not url:
+        return None
+    host = urlsplit(url).hostname or ""
+    if host not in {h.strip("[]") for h in LOOPBACK_HOSTS}:
+        return None
+    unset = subprocess.run([*dvc_command(), "remote", "modify", "--local", "--unset", remote, "endpointurl"],
+                           cwd=root, capture_output=True, text=True, check=False)  # fmt: skip
+    if unset.returncode != 0:
+        raise TidepoolError(
+            f"{root / '.dvc' / 'config.local'}: could not remove the stale loopback endpoint {url}: "
+            f"{(unset.stderr or unset.stdout).strip()}"
+        )
+    return url
 
 
 def tool_env(extra: dict[str, str]) -> dict[str, str]:
@@ -80,7 +117,16 @@ def print_summary(root: Path, seconds: float) -> None:
             shards = sorted(product.glob("*.tar"))
             size = sum(s.stat().st_size for s in shards)
             print(f"  {product.name:<12} {len(shards):>4} shards  {_human(size)}")
-    print("pushed to the loopback S3 remote s3://tidepool-dvc/store (stopped with the demo).")
+
+def print_store(root: Path, pushed: bool) -> None:
+    from stages.loopback.persist import BucketStore, describe
+    from stages.loopback.s3 import DVC_BUCKET
+
+    if pushed:
+        print(f"pushed to the loopback S3 remote s3://{DVC_BUCKET}/store, kept on disk in "
+              f"{describe(BucketStore(root / STORE, DVC_BUCKET))}")  # fmt: skip
+    print("serve it again with `make serve` (python -m stages.loopback serve --store build/loopback-s3 ...);")
+    print("it prints the `export AWS_ENDPOINT_URL_S3=...` line that points dvc pull/import/get at it.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,17 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     upstream = (root / args.upstream).resolve()
     print(f"generating sample upstreams (scale {args.scale}) in {upstream} ...", flush=True)
     generate_all(upstream, scale=args.scale, jobs=os.cpu_count() or 1)
-    with Loopback(upstream=upstream) as lb:
+    stale = clear_loopback_endpoint(root)
+    if stale:
+        print(f"removed the stale loopback endpoint {stale} from .dvc/config.local", flush=True)
+    with Loopback(upstream=upstream, store=root / STORE) as lb:
         overlay = lb.write_overlay(root / "build" / "endpoints.yaml")
-        env = tool_env(lb.env(overlay))
-        lb.configure_dvc_remote(root)
+        # DVC finds the loopback through the environment only: nothing on disk keeps the port.
+        env = tool_env({**lb.env(overlay), **lb.remote_env()})
         print(f"loopback S3 at {lb.s3_endpoint}, HTTP at {lb.http_base}", flush=True)
+        if lb.restored:
+            print(f"restored {lb.restored} object(s) of the DVC remote from {root / STORE}", flush=True)
         dvc = str(Path(sys.executable).parent / "dvc")
         run([dvc, "repro"], env, root)
         if not args.no_push:
             # Through the licence policy: refuses non-redistributable data on a public remote.
             run([sys.executable, "-m", "stages.push"], env, root)
     print_summary(root, time.monotonic() - started)
+    print_store(root, pushed=not args.no_push)
     return 0
 
 

@@ -1,7 +1,9 @@
 """The release diff: what changed in the dataset between two revisions.
 
-`python -m stages.diff <rev-a> <rev-b> [--json] [--product P ...] [--repo PATH] [--output FILE]`
-(also `make diff A=... B=...`) prints markdown, or canonical JSON with `--json`. A revision is any
+`python -m stages.diff <rev-a> <rev-b> [--json] [--product P ...] [--repo PATH] [--output FILE]
+[--pictures DIR [--image-base URL]]` (also `make diff A=... B=...`, which adds `--pictures build/diff`)
+prints markdown, or canonical JSON with `--json`, and nothing else on stdout (progress and DVC's
+messages go to stderr), so `make diff A=.. B=.. > pr.md` is the diff alone. A revision is any
 git revision (tag, branch, sha), `workspace` for the working tree, or `"no release"` (nothing:
 the whole of rev B counts as added, as in a first release's changelog). Both revisions are read
 through DVC's filesystem (`dvc.api.DVCFileSystem`): git-tracked files from the git objects,
@@ -14,8 +16,11 @@ Per product (`data/release/<product>/`), by sample key (`manifest.parquet`):
 - relabelled: the same key with a different `label` or different `labels` (the sample's labels
   JSON, compared as parsed JSON, so key order cannot count as a change);
 - moved: the same key in a different split (counted apart from relabelling: one sample can be both);
+- relabels aggregated as from -> to counts (a change of the `labels` JSON alone is named by the
+  fields that changed), and additions and removals by source;
 - class-count deltas per split, from `classes.json` (the per-split counts pack records for every
-  class: single-label classes and multilabel presence alike); only classes whose count changed;
+  class: single-label classes and multilabel presence alike); only classes whose count changed
+  (the markdown shows the largest `CLASS_TOP` and folds the rest into `<details>`);
 - shards changed: shard names whose md5 differs or that exist on one side only;
 - upload: files of the product at rev B whose content (md5) is in no release file of rev A, i.e.
   what `dvc push` would send (the DVC remote is content-addressed; a renamed but unchanged shard
@@ -26,6 +31,11 @@ quarantine.parquet`), dedup deltas (`metrics/dedup.json` and cluster membership 
 `data/dedup/clusters.parquet`), and the params that changed (dotted keys, old -> new).
 
 Every count is exact; lists of example keys are capped (`EXAMPLES`) and sorted.
+
+With `--pictures DIR`, each product that changed also gets a contact sheet of added, removed and
+relabelled samples (thumbnails from the shards of both revisions), its JSON sidecar, and a
+before/after bar chart of class counts (`stages.diff_pictures`); the markdown embeds them by
+`--image-base` (default: DIR as given), so `pr.md` beside DIR renders them.
 """
 
 from __future__ import annotations
@@ -60,6 +70,10 @@ RELEASE = "data/release"
 MANIFEST = "manifest.parquet"
 CLASSES = "classes.json"
 MANIFEST_COLUMNS = ["key", "split", "shard", "label", "labels"]
+# Read when present: where a sample's bytes are (pictures) and where it came from (by source).
+OPTIONAL_COLUMNS = ["source", "position", "offset", "nbytes"]
+CLASS_TOP = 10  # class-count changes shown before the rest is folded into <details>
+RELABEL_TOP = 10  # from -> to pairs shown before the rest is folded
 DEDUP_METRICS = (
     "samples",
     "clusters",
@@ -158,18 +172,21 @@ class RevReader:
         return table.select(columns)
 
     def listing(self, folder: str) -> dict[str, dict[str, Any]]:
-        """name -> {"md5", "size"} for the files directly in `folder` (size may be None)."""
+        """name -> {"md5", "size"} for the files in `folder`, subfolders included (a product's
+        viewer/ and croissant/): name is the path below `folder`; size may be None."""
         if not self.exists(folder):
             return {}
         try:
-            entries = self.fs.ls(folder, detail=True)
+            entries = self.fs.find(folder, detail=True).values()
         except Exception as exc:
             raise self._unreadable(folder, exc) from exc
         out = {}
+        prefix = folder.rstrip("/") + "/"
         for entry in entries:
             if entry.get("type") != "file":
                 continue
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            name = entry["name"].rstrip("/")
+            name = name[len(prefix) :] if name.startswith(prefix) else name.rsplit("/", 1)[-1]
             md5 = entry.get("md5") or (entry.get("dvc_info") or {}).get("md5")
             if md5 is None:  # a git-tracked file beside the outputs: hash it as DVC would
                 md5 = hashlib.md5(self.read(f"{folder}/{name}")).hexdigest()
@@ -244,7 +261,8 @@ def read_manifest(reader: RevReader, product: str) -> pd.DataFrame | None:
         raise UpstreamFormatError(
             f"{RELEASE}/{product}/{MANIFEST} @ {reader.rev}", f"lacks columns {missing}"
         )
-    cols = {c: table.column(c).to_pylist() if c in table.column_names else None for c in MANIFEST_COLUMNS}
+    wanted = [*MANIFEST_COLUMNS, *OPTIONAL_COLUMNS]
+    cols = {c: table.column(c).to_pylist() if c in table.column_names else None for c in wanted}
     n = table.num_rows
     frame = pd.DataFrame(
         {
@@ -253,6 +271,7 @@ def read_manifest(reader: RevReader, product: str) -> pd.DataFrame | None:
             "shard": pd.Series(cols["shard"], dtype=object),
             "label": pd.Series(cols["label"] or [None] * n, dtype=object),
             "labels": pd.Series([_canonical_labels(v) for v in (cols["labels"] or [None] * n)], dtype=object),
+            **{c: pd.Series(cols[c] or [None] * n, dtype=object) for c in OPTIONAL_COLUMNS},
         }
     )
     dupes = frame["key"][frame["key"].duplicated()]
@@ -284,13 +303,57 @@ def class_counts(classes: dict[str, Any] | None, manifest: pd.DataFrame | None) 
     return out
 
 
-def product_diff(a: RevReader, b: RevReader, product: str, a_md5s: set[str]) -> dict[str, Any]:
-    """The diff of one product; `a_md5s` is every release file's md5 at rev A (upload accounting)."""
+def labels_change(a: str | None, b: str | None) -> list[str]:
+    """The top-level fields of two labels JSON documents that differ (sorted)."""
+    def parse(v: str | None) -> dict[str, Any]:
+        try:
+            doc = json.loads(v) if v else {}
+        except ValueError:
+            return {"labels": v}
+        return doc if isinstance(doc, dict) else {"labels": doc}
+
+    da, db = parse(a), parse(b)
+    return sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
+
+
+def relabel_pairs(relabelled: pd.DataFrame) -> list[dict[str, Any]]:
+    """Relabels as from -> to counts, most frequent first. A sample whose `label` stayed but whose
+    labels JSON changed counts under its label with the JSON fields that changed."""
+    pairs: Counter[tuple[Any, Any, str]] = Counter()
+    for la, lb, ja, jb in zip(relabelled["label_a"], relabelled["label_b"], relabelled["labels_a"],
+                              relabelled["labels_b"]):  # fmt: skip
+        fields = "" if la != lb else ", ".join(labels_change(ja, jb))
+        pairs[(la, lb, fields)] += 1
+    rows = [{"a": a, "b": b, "fields": f or None, "count": n} for (a, b, f), n in pairs.items()]
+    return sorted(rows, key=lambda r: (-r["count"], str(r["a"]), str(r["b"]), str(r["fields"])))
+
+
+def source_counts(added: pd.DataFrame, removed: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """source -> {"added", "removed"}; samples with no source column count under "unknown"."""
+    out: dict[str, dict[str, int]] = {}
+    for frame, column, kind in ((added, "source_b", "added"), (removed, "source_a", "removed")):
+        for source in frame[column]:
+            row = out.setdefault(str(source) if source is not None else "unknown", {"added": 0, "removed": 0})
+            row[kind] += 1
+    return dict(sorted(out.items()))
+
+
+def product_diff(
+    a: RevReader,
+    b: RevReader,
+    product: str,
+    a_md5s: set[str],
+    pictures: Path | None = None,
+    withheld: str | None = None,
+) -> dict[str, Any]:
+    """The diff of one product; `a_md5s` is every release file's md5 at rev A (upload accounting);
+    with `pictures`, its contact sheet and class chart are drawn there (with placeholders for the
+    images when `withheld` says why they may not be shown)."""
     ma, mb = read_manifest(a, product), read_manifest(b, product)
     if ma is None and mb is None:
         return {"status": "absent"}
     status = "added" if ma is None else "removed" if mb is None else "compared"
-    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in MANIFEST_COLUMNS})
+    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in [*MANIFEST_COLUMNS, *OPTIONAL_COLUMNS]})
     ma = empty if ma is None else ma
     mb = empty if mb is None else mb
 
@@ -343,7 +406,7 @@ def product_diff(a: RevReader, b: RevReader, product: str, a_md5s: set[str]) -> 
     shards["changed"] = len(shards["added"]) + len(shards["removed"]) + len(shards["modified"])
     upload = upload_size(b, product, lb, a_md5s)
 
-    return {
+    result: dict[str, Any] = {
         "status": status,
         "samples": {
             "a": len(ma),
@@ -370,6 +433,75 @@ def product_diff(a: RevReader, b: RevReader, product: str, a_md5s: set[str]) -> 
                 for k, x, y in zip(moved["key"], moved["split_a"], moved["split_b"])
             ),
         },
+        "relabels": relabel_pairs(relabelled),
+        "by_source": source_counts(added, removed),
+    }
+    if pictures is not None:
+        frames = {"added": added, "removed": removed, "relabelled": relabelled}
+        result["pictures"] = draw_pictures(a, b, product, pictures, frames, ca, cb, withheld)
+    return result
+
+
+def _rows_for(frame: pd.DataFrame, side: str, keys: list[str]) -> list[dict[str, Any]]:
+    """Manifest rows (one side of the join) of `keys`, as plain dicts, in `keys` order."""
+    chosen = frame.set_index("key").loc[keys] if keys else frame.iloc[0:0].set_index("key")
+    rows = []
+    for key, r in chosen.iterrows():
+        row = {c: _plain(r.get(f"{c}_{side}")) for c in ["split", "shard", *OPTIONAL_COLUMNS]}
+        row.update(key=key, label_a=_plain(r.get("label_a")), label_b=_plain(r.get("label_b")))
+        if side == "b" and r.get("_merge") == "both" and r.get("label_a") == r.get("label_b"):
+            fields = labels_change(_plain(r.get("labels_a")), _plain(r.get("labels_b")))
+            row["label_line"] = "labels: " + ", ".join(fields) if fields else "labels changed"
+        rows.append(row)
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    """pandas' missing values as None, numpy scalars as Python ones."""
+    if value is None:
+        return None
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return value.item() if hasattr(value, "item") else value
+
+
+def draw_pictures(
+    a: RevReader,
+    b: RevReader,
+    product: str,
+    out_dir: Path,
+    changed: dict[str, pd.DataFrame],
+    ca: dict[str, Counter[str]],
+    cb: dict[str, Counter[str]],
+    withheld: str | None = None,
+) -> dict[str, Any]:
+    """The contact sheet and class chart of one product (stages.diff_pictures); what was drawn."""
+    from stages import diff_pictures as pics
+
+    meta = {"a": {"rev": a.rev, "commit": a.commit}, "b": {"rev": b.rev, "commit": b.commit}}
+    groups: dict[str, list[tuple[Any, Any]]] = {}
+    totals = {kind: len(frame) for kind, frame in changed.items()}
+    for kind, frame in changed.items():
+        side = "a" if kind == "removed" else "b"  # a removed sample's image is only at rev A
+        reader = a if side == "a" else b
+        rows = _rows_for(frame, side, pics.pick(frame["key"]))
+        groups[kind] = []
+        for cell, row in zip(pics.make_cells(kind, rows), rows):
+            shard = f"{RELEASE}/{product}/{row['shard']}"
+            groups[kind].append((cell, None if withheld else pics.sample_image(reader, shard, row)))
+    sheet = pics.contact_sheet(product, groups, totals, out_dir, meta, withheld)
+    totals_a: Counter[str] = sum(ca.values(), Counter())
+    totals_b: Counter[str] = sum(cb.values(), Counter())
+    chart = pics.class_chart(product, dict(totals_a), dict(totals_b), out_dir, meta)
+    names = pics.file_names(product)
+    return {
+        "changes": names["changes"] if sheet else None,
+        "manifest": names["manifest"] if sheet else None,
+        "cells": len(sheet["cells"]) if sheet else 0,
+        "classes": chart["file"] if chart else None,
     }
 
 
@@ -486,8 +618,27 @@ def _pair_total(value: Any) -> int:
 # --- the whole diff -------------------------------------------------------------------------------
 
 
-def release_diff(repo: Path, rev_a: str, rev_b: str, products: Iterable[str] | None = None) -> dict[str, Any]:
-    """The diff of `rev_b` against `rev_a` as a JSON-ready dict (see the module docstring)."""
+def withheld_images(product: str, *params: dict[str, Any]) -> str | None:
+    """Why the product's images may not appear in the diff's pictures, or None: a source of it
+    (at either revision) is marked `redistributable: false` in params."""
+    closed = sorted({
+        source
+        for doc in params
+        for source in ((doc.get("products") or {}).get(product) or {}).get("sources") or []
+        if ((doc.get("sources") or {}).get(source) or {}).get("redistributable", True) is False
+    })
+    return f"{', '.join(closed)} not redistributable" if closed else None
+
+
+def release_diff(
+    repo: Path,
+    rev_a: str,
+    rev_b: str,
+    products: Iterable[str] | None = None,
+    pictures: Path | None = None,
+) -> dict[str, Any]:
+    """The diff of `rev_b` against `rev_a` as a JSON-ready dict (see the module docstring); with
+    `pictures`, each product's contact sheet and class chart are written into that folder."""
     a, b = RevReader(repo, rev_a), RevReader(repo, rev_b)
     pa_params, pb_params = a.yaml("params.yaml"), b.yaml("params.yaml")
     declared = sorted(set(pa_params.get("products") or {}) | set(pb_params.get("products") or {}))
@@ -499,10 +650,19 @@ def release_diff(repo: Path, rev_a: str, rev_b: str, products: Iterable[str] | N
         )
     a_md5s = _release_md5s(a, sorted(set(pa_params.get("products") or {})))
     sources = set(pa_params.get("sources") or {}) | set(pb_params.get("sources") or {})
+    out_dir = None
+    if pictures is not None:
+        from stages.diff_pictures import clear
+
+        out_dir = pictures if pictures.is_absolute() else repo / pictures
+        clear(out_dir)
     return {
         "a": {"rev": rev_a, "commit": a.commit},
         "b": {"rev": rev_b, "commit": b.commit},
-        "products": {p: product_diff(a, b, p, a_md5s) for p in chosen},
+        "products": {
+            p: product_diff(a, b, p, a_md5s, out_dir, withheld_images(p, pa_params, pb_params))
+            for p in chosen
+        },
         "quarantine": quarantine_diff(a, b, sources),
         "dedup": dedup_diff(a, b),
         "params": params_diff(pa_params, pb_params),
@@ -544,7 +704,30 @@ def _names(names: list[str], limit: int = 12) -> str:
     return shown + (f" … and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def to_markdown(diff: dict[str, Any], heading: str = "##") -> str:
+def _fold(rows: list[list[Any]], header: list[str], top: int, what: str) -> list[str]:
+    """A table of the first `top` rows, the rest in a <details> block (so long tables stay short)."""
+    out = _table(header, rows[:top])
+    if len(rows) > top:
+        out += ["", f"<details><summary>{len(rows) - top} more {what}</summary>", ""]
+        out += _table(header, rows[top:])
+        out += ["", "</details>"]
+    return out
+
+
+def _picture_lines(name: str, pictures: dict[str, Any] | None, image_base: str | None) -> list[str]:
+    if not pictures or image_base is None:
+        return []
+    base = image_base.rstrip("/")
+    lines = []
+    if pictures.get("changes"):
+        lines.append(f"![{name}: added, removed and relabelled samples]({base}/{pictures['changes']})")
+    if pictures.get("classes"):
+        lines.append(f"![{name}: samples per class before and after]({base}/{pictures['classes']})")
+    return ["", *lines] if lines else []
+
+
+def to_markdown(diff: dict[str, Any], heading: str = "##", image_base: str | None = None) -> str:
+    """The diff as markdown; with `image_base`, the products' pictures are embedded from there."""
     a, b = diff["a"]["rev"], diff["b"]["rev"]
     out = [f"{heading} Dataset diff `{a}` → `{b}`", ""]
     summary = []
@@ -585,16 +768,28 @@ def to_markdown(diff: dict[str, Any], heading: str = "##") -> str:
         out += _table(["split", a, b, "added", "removed", "relabelled", "moved in", "moved out"], rows)
         if d["moves"]:
             out += ["", "Moves: " + ", ".join(f"{k} {v}" for k, v in d["moves"].items()) + "."]
-        class_rows = [
-            [split, cls, v["a"], v["b"], _signed(v["delta"])]
-            for split, per in d["classes"].items()
-            for cls, v in per.items()
-        ]
+        out += _picture_lines(name, d.get("pictures"), image_base)
+        by_source = d.get("by_source") or {}
+        if by_source:
+            out += ["", "Added and removed by source:", ""]
+            out += _table(["source", "added", "removed"],
+                          [[src, v["added"], v["removed"]] for src, v in by_source.items()])  # fmt: skip
+        relabels = d.get("relabels") or []
+        if relabels:
+            rows = [[r["a"], r["b"] if r["a"] != r["b"] else f"{r['b']} (labels: {r['fields']})", r["count"]]
+                    for r in relabels]  # fmt: skip
+            out += ["", "Relabels (from → to):", ""]
+            out += _fold(rows, ["from", "to", "samples"], RELABEL_TOP, "relabel pairs")
+        class_rows = sorted(
+            ([split, cls, v["a"], v["b"], v["delta"]] for split, per in d["classes"].items()
+             for cls, v in per.items()),
+            key=lambda r: (-abs(r[4]), SPLITS.index(r[0]) if r[0] in SPLITS else len(SPLITS), r[0], r[1]),
+        )  # fmt: skip
         if class_rows:
-            out += ["", "<details><summary>Class counts that changed "
-                    f"({len(class_rows)})</summary>", ""]  # fmt: skip
-            out += _table(["split", "class", a, b, "Δ"], class_rows)
-            out += ["", "</details>"]
+            class_rows = [[*r[:4], _signed(r[4])] for r in class_rows]
+            shown = min(len(class_rows), CLASS_TOP)
+            out += ["", f"Class counts that changed ({len(class_rows)}; largest first):", ""]
+            out += _fold(class_rows, ["split", "class", a, b, "Δ"], shown, "class count changes")
         else:
             out += ["", "No class count changed."]
         sh, up = d["shards"], d["upload"]
@@ -613,11 +808,11 @@ def to_markdown(diff: dict[str, Any], heading: str = "##") -> str:
             if ex[kind]:
                 lines.append(f"- {kind}: {_names(ex[kind], EXAMPLES)}")
         if ex["relabelled"]:
-            shown = ", ".join(
+            shown_ex = ", ".join(
                 f"`{e['key']}` {e['a']} → {e['b']}" if e["a"] != e["b"] else f"`{e['key']}` (labels)"
                 for e in ex["relabelled"]
             )
-            lines.append(f"- relabelled: {shown}")
+            lines.append(f"- relabelled: {shown_ex}")
         if ex["moved"]:
             lines.append("- moved: " + ", ".join(f"`{e['key']}` {e['a']} → {e['b']}" for e in ex["moved"]))
         if lines:
@@ -661,10 +856,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--product", action="append", default=None, help="only this product (repeatable)")
     parser.add_argument("--repo", type=Path, default=None, help="the project (default: the current one)")
     parser.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
+    parser.add_argument("--pictures", type=Path, default=None,
+                        help="draw each product's contact sheet and class chart into this folder "
+                             "(relative to the project)")  # fmt: skip
+    parser.add_argument("--image-base", default=None,
+                        help="where the markdown finds the pictures (a URL or path; default: --pictures)")
     args = parser.parse_args(argv)
     repo = (args.repo or repo_root()).resolve()
-    diff = release_diff(repo, args.rev_a, args.rev_b, args.product)
-    text = dumps_json(diff) if args.json else to_markdown(diff)
+    diff = release_diff(repo, args.rev_a, args.rev_b, args.product, args.pictures)
+    base = args.image_base or (args.pictures.as_posix() if args.pictures is not None else None)
+    text = dumps_json(diff) if args.json else to_markdown(diff, image_base=base)
     if args.output:
         write_text(args.output, text)
     else:

@@ -1,13 +1,20 @@
-"""Decode an image once and derive everything ingest needs from that one decode.
+"""Decode an image and derive everything ingest needs from it.
 
 - the file's sha256 (identical files),
-- a pixel sha256 over the decoded RGB raster (identical pixels in different files) for lossless
-  formats, where it is free because the full raster is decoded anyway,
+- a pixel sha256 over the decoded 8-bit RGB raster (identical pixels in different files: a PNG
+  made by decoding a JPEG links to that JPEG), for every format,
 - a 64-bit DCT perceptual hash, bit-compatible with `imagehash.phash` (near duplicates),
 - width and height, and whether the file decodes at all (truncated, zero-byte, bombs).
 
-For JPEG only a reduced decode is done (PIL draft mode, DCT scaling inside libjpeg), which is
-all a 32x32 perceptual hash needs and several times cheaper than a full decode.
+Pixels: `to_rgb8(img)` is the one place that turns any PIL mode into the HxWx3 uint8 raster the
+project works on (hashes here, patches and re-encodes in pack), so ingest and pack see the same
+pixels. Its per-mode rules are in its docstring.
+
+JPEG (MPO camera files included: their first frame is the picture every JPEG reader shows) is
+decoded twice: fully, for the pixel hash, and reduced (PIL draft mode, DCT scaling inside
+libjpeg) for the pHash. The reduced decode is what the pHash has always been computed from, and a
+pHash of the full decode differs in a few bits for about one JPEG in six, so keeping it keeps
+every existing pHash (and every near-duplicate decision built on it) as it was.
 """
 
 from __future__ import annotations
@@ -78,8 +85,58 @@ def pixel_sha256(rgb: np.ndarray) -> str:
     """Hash of shape plus raster, so equal pixels in different containers hash equal."""
     arr = np.ascontiguousarray(rgb, dtype=np.uint8)
     h = hashlib.sha256(f"{arr.shape}".encode())
-    h.update(arr.tobytes())
+    h.update(memoryview(arr).cast("B"))  # the raster's bytes without a copy (36 MB at 12 MP)
     return h.hexdigest()
+
+
+# to_rgb8's rules. Modes PIL converts to RGB faithfully: pyspacer's own `convert("RGB")`.
+# `La` (premultiplied) only converts through LA.
+_CONVERT = frozenset(
+    {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+)
+_VIA = {"La": "LA"}
+# Unsigned 16-bit greyscale: PIL's own convert("L") clips every value above 255 to white.
+_UINT16 = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# No defined display range: a 32-bit integer or float raster is measurement data, not a photo,
+# and any scaling (min-max, clip, >> 24) would invent one.
+_NO_RANGE = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """The HxWx3 uint8 raster of a decoded image, or ImageProblem when there is no faithful one.
+
+    Per PIL mode:
+    - 1, L, LA, La, P, PA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV: `convert("RGB")`, as
+      pyspacer does: grey replicated, palettes expanded, alpha dropped without compositing (the
+      stored colour stays; premultiplied alpha is undone first), CMYK by PIL's naive formula and
+      no ICC profile (none is applied for any mode), LAB and HSV by PIL's conversions;
+    - I;16, I;16L, I;16B, I;16N (16-bit greyscale PNG/TIFF): the high byte (`v >> 8`),
+      replicated; the same rule by which PIL itself reads 16-bit RGB PNGs as 8-bit RGB, so a
+      16-bit grey and a 16-bit RGB file of the same picture give the same grey levels;
+    - I (32-bit integer), F (32-bit float), signed or 32-bit I;* modes: ImageProblem
+      `unsupported_bit_depth`;
+    - any other mode: ImageProblem `unsupported_format`.
+    No EXIF orientation is applied: annotations are given in stored-raster coordinates.
+    """
+    mode = img.mode
+    if mode in _UINT16:
+        high = (np.asarray(img).astype(np.uint16, copy=False) >> 8).astype(np.uint8)
+        return np.repeat(high[:, :, None], 3, axis=2)
+    if mode in _NO_RANGE or mode.startswith("I;"):
+        what = _NO_RANGE.get(mode, f"mode {mode}")
+        raise ImageProblem(
+            "unsupported_bit_depth", f"{what} pixels (PIL mode {mode}) have no defined 8-bit scaling"
+        )
+    if mode == "RGB":
+        return np.asarray(img)
+    if mode in _VIA:
+        img = img.convert(_VIA[mode])
+    elif mode not in _CONVERT:
+        raise ImageProblem("unsupported_format", f"PIL mode {mode} has no RGB conversion")
+    try:
+        return np.asarray(img.convert("RGB"))
+    except ValueError as exc:
+        raise ImageProblem("unsupported_format", f"PIL mode {mode}: {exc}") from exc
 
 
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
@@ -112,20 +169,19 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def probe_image_bytes(data: bytes, max_pixels: int, *, lossless_pixel_hash: bool = True) -> ImageInfo:
-    """Decode once (reduced for JPEG) and hash; raise ImageProblem for unusable images."""
+    """Decode and hash; raise ImageProblem for unusable images.
+
+    `lossless_pixel_hash=False` skips the pixel hash (and, for JPEG, the full decode it needs)."""
     img = _open_checked(data, max_pixels)
     fmt = (img.format or "").lower()
     width, height = img.size
     try:
-        if fmt == "jpeg":
-            # The draft decode still walks the whole entropy-coded stream, so truncation is caught.
-            img.draft("L", (max(PHASH_SIZE * 2, width // 8), max(PHASH_SIZE * 2, height // 8)))
+        if fmt in _JPEG_FORMATS:
+            pixel_digest, phash = _hash_jpeg(data, img, max_pixels, lossless_pixel_hash)
+            fmt = "jpeg"
+        elif fmt in _DECODED_FORMATS:
             img.load()
-            pixel_digest = None
-            phash = phash_image(img)
-        elif fmt == "png" or fmt in ("tiff", "bmp", "webp", "gif"):
-            img.load()
-            rgb = np.asarray(img.convert("RGB"))
+            rgb = to_rgb8(img)
             pixel_digest = pixel_sha256(rgb) if lossless_pixel_hash else None
             phash = phash_image(Image.fromarray(rgb))
         else:
@@ -136,7 +192,7 @@ def probe_image_bytes(data: bytes, max_pixels: int, *, lossless_pixel_hash: bool
         # PIL reports truncation and broken chunks as OSError/SyntaxError from deep in the decoder.
         raise ImageProblem("corrupt_image", f"decoding failed: {exc}") from exc
     return ImageInfo(
-        format="jpeg" if fmt == "jpeg" else fmt,
+        format=fmt,
         width=width,
         height=height,
         file_sha256=hashlib.sha256(data).hexdigest(),
@@ -144,6 +200,26 @@ def probe_image_bytes(data: bytes, max_pixels: int, *, lossless_pixel_hash: bool
         pixel_sha256=pixel_digest,
         phash=phash,
     )
+
+
+# An MPO (multi-picture JPEG from stereo and many phone cameras) is a baseline JPEG with more
+# pictures appended; its first frame is the picture, and it is what any JPEG reader shows.
+_JPEG_FORMATS = ("jpeg", "mpo")
+_DECODED_FORMATS = ("png", "tiff", "bmp", "webp", "gif")
+
+
+def _hash_jpeg(data: bytes, img: Image.Image, max_pixels: int, pixel_hash: bool) -> tuple[str | None, int]:
+    """(pixel sha256 of the full decode, pHash of the reduced decode) of a JPEG's first frame."""
+    digest = None
+    if pixel_hash:
+        img.load()
+        digest = pixel_sha256(to_rgb8(img))
+        img = _open_checked(data, max_pixels)  # a loaded image cannot be drafted again
+    width, height = img.size
+    # The draft decode still walks the whole entropy-coded stream, so truncation is caught.
+    img.draft("L", (max(PHASH_SIZE * 2, width // 8), max(PHASH_SIZE * 2, height // 8)))
+    img.load()
+    return digest, phash_image(img)
 
 
 def probe_image_file(path: str | Path, max_pixels: int, *, lossless_pixel_hash: bool = True) -> ImageInfo:

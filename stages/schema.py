@@ -27,7 +27,7 @@ SAMPLES = pa.schema(
         ("height", pa.int32()),
         ("file_size", pa.int64()),
         ("file_sha256", pa.string()),
-        ("pixel_sha256", pa.string()),  # null for JPEG (no full decode at ingest)
+        ("pixel_sha256", pa.string()),  # sha256 of the decoded 8-bit RGB raster (imaging.to_rgb8)
         ("phash", pa.uint64()),  # 64-bit DCT hash, imagehash.phash-compatible
         # group keys for splitting (null where the source has none)
         ("region", pa.string()),
@@ -85,6 +85,7 @@ REASONS = {
     "corrupt_image": "the image does not decode (truncated, garbage, broken chunks)",
     "image_too_large": "more pixels than limits.max_image_pixels (decompression-bomb bound)",
     "unsupported_format": "not an image type the pipeline accepts",
+    "unsupported_bit_depth": "32-bit integer or float pixels (PIL mode I or F): no defined 8-bit scaling",
     "point_outside_image": "point row/col not inside 0 <= row < H, 0 <= col < W",
     "geometry_mismatch": "more than ingest.max_outside_share of an image's points fall outside it: "
     "the annotations were made for another image (the image and all its points)",

@@ -102,7 +102,30 @@ def test_empty_and_single_inputs():
 
 
 def test_the_forkserver_preloads_the_work_function_module():
-    assert preload_modules(_jittered_square) == ["__main__", "numpy", "PIL.Image", __name__]
+    """Workers must start with the work function's module already imported by the forkserver.
+
+    The probe module records the pid that imported it: a worker forked from a forkserver that
+    preloaded it inherits the forkserver's pid, a worker that had to import it itself has its own.
+    A fresh interpreter, because the preload only takes effect for a process's first pool.
+    """
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import _preload_probe\n"
+        "from stages.executor import parallel_map\n"
+        "print(sorted(set(parallel_map(_preload_probe.where, range(8), jobs=2, chunksize=1))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    proc = subprocess.run([sys.executable, "-c", script, str(tests)], cwd=tests.parent, env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+    pairs = eval(proc.stdout.strip())  # noqa: S307 - our own script's printed list of int pairs
+    assert len({worker for _, worker in pairs}) >= 1
+    for imported_in, worker in pairs:
+        assert imported_in != worker, "a worker imported the work function's module itself"
+    assert preload_modules(_jittered_square)[:3] == ["__main__", "numpy", "PIL.Image"]
 
 
 def test_a_worker_that_dies_is_a_clear_error_not_a_pool_traceback():

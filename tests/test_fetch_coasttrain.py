@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stages.config import load_params
-from stages.errors import ChecksumMismatch, UnsafeArchiveError
+from stages.errors import ChecksumMismatch, FetchError, UnsafeArchiveError
 from stages.fetch import fetch
 from stages.loopback import Loopback
 
@@ -102,6 +102,9 @@ def test_downloads_verifies_and_extracts_each_record(lb, params, tmp_path, upstr
     assert archives["NAIP_6_001.zip"]["size"] == str(zip_path.stat().st_size)
     assert (report.downloaded, report.extracted) == (2, 8)
     assert list(scratch.iterdir()) == []  # zips are deleted after extraction
+    # Each zip was checked against its published md5, and its members inherit that.
+    assert {r["verified"] for r in rows.values()} == {"md5"}
+    assert {r["verified"] for r in archives.values()} == {"md5"}
 
 
 def test_second_run_downloads_nothing(lb, params, tmp_path):
@@ -194,3 +197,60 @@ def test_cli_exit_2_on_unsafe_zip(lb, params, run_stage, tmp_path, upstream):
         last.startswith("error: ")
         and "Sentinel2_4_001.zip: member '/abs/evil.npz' refused: absolute path" in last
     )
+
+
+def test_unsafe_zip_error_names_the_url_not_the_scratch_copy(lb, params, tmp_path, upstream):
+    members = record_members("NAIP_6_001")
+    members["npz"] = b"a file where the zip also has a folder"
+    params["endpoints"]["known_md5"]["coasttrain/NAIP_6_001.zip"] = publish(upstream, "NAIP_6_001", members)
+    scratch = tmp_path / "scratch"
+    with pytest.raises(UnsafeArchiveError) as err:
+        fetch("coasttrain", params, tmp_path / "raw/coasttrain", scratch)
+    message = str(err.value)
+    assert message.startswith(f"{lb.http_base}/coasttrain/NAIP_6_001.zip: member ")
+    assert str(scratch) not in message and "makes it a folder" in message
+
+
+def _no_size_and_no_md5(lb, params, record: str) -> None:
+    """Upstream refuses HEAD and sends the zip without Content-Length; no md5 is published."""
+    del params["endpoints"]["known_md5"][f"coasttrain/{record}.zip"]
+    lb.faults.add("http", f"/coasttrain/{record}.zip", kind="status", status=405, times=None, method="HEAD")
+    lb.faults.add("http", f"/coasttrain/{record}.zip", kind="no_length", times=None, method="GET")
+
+
+def test_unverified_zip_is_refused_by_default(lb, params, tmp_path):
+    _no_size_and_no_md5(lb, params, "NAIP_6_001")
+    out = tmp_path / "raw/coasttrain"
+    with pytest.raises(FetchError) as err:
+        fetch("coasttrain", params, out, tmp_path / "scratch")
+    message = str(err.value)
+    assert f"{lb.http_base}/coasttrain/NAIP_6_001.zip" in message and "net.accept_unverified" in message
+    assert not (out / "NAIP_6_001").exists() and list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_accepted_unverified_zip_is_marked_in_manifest_and_archives(lb, params, tmp_path):
+    _no_size_and_no_md5(lb, params, "NAIP_6_001")
+    params["net"]["accept_unverified"] = True
+    out = tmp_path / "raw/coasttrain"
+    fetch("coasttrain", params, out, tmp_path / "scratch")
+    rows = read_csv(out / "manifest.csv")
+    marks = {r["key"].split("/")[0]: r["verified"] for r in rows}
+    assert marks == {"NAIP_6_001": "none", "Sentinel2_4_001": "md5"}
+    archives = {r["key"]: r["verified"] for r in read_csv(out / "archives.csv")}
+    assert archives == {"NAIP_6_001.zip": "none", "Sentinel2_4_001.zip": "md5"}
+    # Refused again once accepting is switched off: the unverified copy is not silently reused.
+    params["net"]["accept_unverified"] = False
+    with pytest.raises(FetchError, match="net.accept_unverified"):
+        fetch("coasttrain", params, out, tmp_path / "scratch")
+
+
+def test_manifest_without_the_verified_column_is_upgraded_without_downloading(lb, params, tmp_path):
+    out, scratch = tmp_path / "raw/coasttrain", tmp_path / "scratch"
+    fetch("coasttrain", params, out, scratch)
+    current = {name: (out / name).read_bytes() for name in ("manifest.csv", "archives.csv")}
+    for name, data in current.items():  # the shape an older tidepool wrote
+        lines = data.decode().splitlines()
+        (out / name).write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in lines))
+    report = fetch("coasttrain", params, out, scratch)
+    assert (report.downloaded, report.unchanged) == (0, 2)
+    assert {name: (out / name).read_bytes() for name in current} == current

@@ -185,6 +185,65 @@ def test_cli_exit_2_on_missing_annotations(lb, params, run_stage, tmp_path, upst
     )
 
 
+def _plant_link(upstream: Path, tmp_path: Path, how: str) -> Path:
+    """A symbolic link in the local export s1073 that leads to a host file outside it."""
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("TOP SECRET host file")
+    images = upstream / "coralnet/s1073/images"
+    if how == "absolute":
+        link = images / "x.jpg"
+        link.symlink_to(secret)
+    elif how == "relative":
+        link = images / "x.jpg"
+        link.symlink_to(Path("../../../..") / secret.relative_to(tmp_path))
+    elif how == "chain":  # a link to a link inside the export, which leaves it
+        (upstream / "coralnet/s1073/hop").symlink_to(secret)
+        link = images / "x.jpg"
+        link.symlink_to("../hop")
+    elif how == "folder":  # a linked folder that leads out
+        outside = tmp_path / "host-dir"
+        outside.mkdir()
+        (outside / "y.jpg").write_text("host image")
+        link = images / "sub"
+        link.symlink_to(outside, target_is_directory=True)
+    else:  # the annotations file itself
+        link = upstream / "coralnet/s1073/annotations.csv"
+        link.unlink()
+        link.symlink_to(secret)
+    return link
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative", "chain", "folder", "annotations"])
+def test_local_export_symlink_that_leaves_the_folder_is_refused(
+    lb, params, tmp_path, upstream, how
+):
+    link = _plant_link(upstream, tmp_path, how)
+    out = tmp_path / "raw/coralnet"
+    with pytest.raises(UpstreamFormatError) as err:
+        fetch("coralnet", params(), out, tmp_path / "scratch")
+    message = str(err.value)
+    assert message.startswith(f"{link}: symbolic link to ") and "outside the export folder" in message
+    copied = [p.read_bytes() for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert not any(b"TOP SECRET" in data or b"host image" in data for data in copied)
+
+
+def test_local_export_symlink_inside_the_folder_is_mirrored(lb, params, tmp_path, upstream):
+    images = upstream / "coralnet/s1073/images"
+    (images / "alias.png").symlink_to("a.png")
+    out = tmp_path / "raw/coralnet"
+    fetch("coralnet", params(), out, tmp_path / "scratch")
+    assert (out / "s1073/images/alias.png").read_bytes() == jpeg("s1073a")
+    assert not (out / "s1073/images/alias.png").is_symlink()
+
+
+def test_local_export_broken_symlink_is_named(lb, params, tmp_path, upstream):
+    link = upstream / "coralnet/s1073/images/gone.jpg"
+    link.symlink_to("nowhere.jpg")
+    with pytest.raises(UpstreamFormatError, match="broken symbolic link") as err:
+        fetch("coralnet", params(), tmp_path / "raw", tmp_path / "scratch")
+    assert str(link) in str(err.value)
+
+
 # --- what an export folder holds besides annotations.csv and images/ ------------------------------
 
 

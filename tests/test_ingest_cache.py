@@ -19,12 +19,23 @@ PORTED = {
     "mermaid": lambda key: key.endswith(".png") and not key.endswith("_thumbnail.png"),
     # Files directly in an export's images/ (the sample upstream references all of them).
     "coralnet": lambda key: key.count("/") == 2 and key.split("/")[1] == "images",
+    # every file of images.zip but the raster mask and its colour table (an image and its mask
+    # are one unit)
+    "seatizen": lambda key: key.startswith("2024_dataset/")
+    and not key.rsplit("/", 1)[-1].startswith("annotation_mask_")
+    and not key.endswith("/color.txt"),
+    "inat2017": lambda key: key.startswith("train_val_images/"),
 }
 
 
 def _stats(cache: Path, source: str) -> dict:
+    """Counters over every namespace of the stage (a plain image probe, an image with its mask)."""
     doc = json.loads((cache / "stats" / f"ingest@{source}.json").read_text())
-    return doc["namespaces"][probe.IMAGE_NAMESPACE]
+    total: dict[str, int] = {}
+    for counters in doc["namespaces"].values():
+        for key, n in counters.items():
+            total[key] = total.get(key, 0) + n
+    return total
 
 
 def _manifest(root: Path, source: str) -> dict[str, str]:

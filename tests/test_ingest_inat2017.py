@@ -1,17 +1,22 @@
-"""ingest@inat2017 on the sample bucket fetched through the real fetch code (the session fixtures),
-and on small synthetic trees for format changes and the accounting property."""
+"""ingest@inat2017 through the runner: on the sample bucket fetched through the real fetch code (the
+session fixtures), on damaged copies of it (mistyped ids, NaN, folders, odd image formats, NFD
+names, lost annotations), and on small synthetic trees for the accounting property."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, ingest_context
@@ -21,11 +26,12 @@ from PIL import Image
 
 from stages.config import load_params
 from stages.errors import UpstreamFormatError
-from stages.ingest import inat2017
+from stages.ingest import ingest_source
 from stages.ingest.context import IngestContext
 
 SELECTED = {"Actinopterygii", "Mollusca"}
 PARAMS = load_params(REPO / "params.yaml")
+TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet", "classes.json")
 
 
 def _read(path: Path) -> list[dict]:
@@ -36,25 +42,47 @@ def _json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _strict(text: str):
+    """json.loads that refuses NaN/Infinity, as strict readers downstream (and browsers) do."""
+
+    def refuse(token: str):
+        raise ValueError(f"non-JSON number {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _run(ctx: IngestContext) -> SimpleNamespace:
+    metrics = ingest_source(ctx)
+    return SimpleNamespace(
+        ctx=ctx,
+        metrics=metrics,
+        samples=_read(ctx.out_dir / "samples.parquet"),
+        quarantine=_read(ctx.out_dir / "quarantine.parquet"),
+    )
+
+
+def _pixel_hash(path: Path) -> str:
+    """sha256 of shape + raster of the full RGB decode, computed here without the project's code."""
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("RGB"))
+    h = hashlib.sha256(str(arr.shape).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 @pytest.fixture(scope="module")
 def inat(
     fetched_root: Path, sample_upstream: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("inat-out")
-    ctx = ingest_context("inat2017", fetched_root, out_root=out)
-    tables, extra = inat2017.ingest(ctx)
-    tables.write(ctx.out_dir)
+    run = _run(ingest_context("inat2017", fetched_root, out_root=out))
     raw = fetched_root / "data" / "raw" / "inat2017"
-    samples = _read(ctx.out_dir / "samples.parquet")
     return SimpleNamespace(
+        **vars(run),
         root=fetched_root,
         raw=raw,
-        ctx=ctx,
-        extra=extra,
         planted=_json(sample_upstream / "PLANTED.json")["inat2017"],
-        samples=samples,
-        by_id={s["upstream_id"]: s for s in samples},
-        quarantine=_read(ctx.out_dir / "quarantine.parquet"),
+        by_id={s["upstream_id"]: s for s in run.samples},
         coco={split: _json(raw / f"{split}2017.json") for split in ("train", "val")},
     )
 
@@ -76,7 +104,7 @@ def test_corrupt_jpeg_is_quarantined(inat):
     assert [(q["reason"], q["record_kind"]) for q in rows] == [("corrupt_image", "image")]
     assert rows[0]["file"] == f"data/raw/inat2017/{case['file_name']}"
     assert str(case["id"]) not in inat.by_id
-    assert inat.extra["inputs"]["images"] == len(inat.samples) + 1
+    assert inat.metrics["inputs"]["image"] == len(inat.samples) + 1
 
 
 def test_other_supercategories_are_filtered_and_counted_not_quarantined(inat):
@@ -84,21 +112,24 @@ def test_other_supercategories_are_filtered_and_counted_not_quarantined(inat):
     other = Counter(sup for _, _, sup in images.values() if sup not in SELECTED)
     marine = [i for i, (_, _, sup) in images.items() if sup in SELECTED]
     assert other and marine
-    assert inat.extra["filtered_by_params"] == {
+    assert inat.metrics["filtered_by_params"] == {
         "images": other.total(),
         "supercategories": dict(sorted(other.items())),
     }
-    assert inat.extra["inputs"] == {"images": len(marine), "orphan_annotations": 0}
+    assert inat.metrics["inputs"] == {"annotation_row": 0, "image": len(marine)}
     landed = set(inat.by_id) | {q["record_id"] for q in inat.quarantine}
     assert landed == {str(i) for i in marine}
     assert {json.loads(s["labels"])["supercategory"] for s in inat.samples} == SELECTED
+    assert inat.metrics["unreferenced_files"] == 0
 
 
 def test_every_input_lands_exactly_once(inat):
     q = Counter(q["record_kind"] for q in inat.quarantine)
-    assert inat.extra["inputs"]["images"] == len(inat.samples) + q["image"]
-    assert inat.extra["inputs"]["orphan_annotations"] == q["annotation_row"]
-    assert len(inat.by_id) == len(inat.samples)
+    assert inat.metrics["inputs"]["image"] == len(inat.samples) + q["image"]
+    assert inat.metrics["inputs"]["annotation_row"] == q["annotation_row"]
+    assert len(inat.by_id) == len(inat.samples) == inat.metrics["samples"]
+    ids = [s["sample_id"] for s in inat.samples]
+    assert ids == sorted(ids)  # the table streams in sample_id order
 
 
 def test_observers_in_both_splits_keep_their_official_split(inat):
@@ -116,7 +147,7 @@ def test_observers_in_both_splits_keep_their_official_split(inat):
         splits_of[s["observer"]].add(split)
     both = {o for o, splits in splits_of.items() if splits == {"train", "val"}}
     assert both and both <= {str(u) for u in inat.planted["observers_in_both_splits"]}
-    assert inat.extra["observers"]["in_both_splits"] == len(both)
+    assert inat.metrics["observers"] == {"total": len(splits_of), "in_both_splits": len(both)}
 
 
 def test_bboxes_are_attached(inat):
@@ -132,12 +163,15 @@ def test_bboxes_are_attached(inat):
         assert [b["area"] for b in native["bboxes"]] == [a["area"] for a in expected]
         multi += len(expected) > 1
     assert multi >= 1
-    assert inat.extra["bboxes"]["boxes"] == sum(
+    assert inat.metrics["bboxes"]["boxes"] == sum(
         len(json.loads(s["native_labels"])["bboxes"]) for s in inat.samples
+    )
+    assert inat.metrics["bboxes"]["images_with_boxes"] == sum(
+        1 for s in inat.samples if json.loads(s["native_labels"])["bboxes"]
     )
 
 
-def test_locations_dates_and_licences(inat):
+def test_locations_dates_licences_and_hashes(inat):
     no_location = {str(i) for i in inat.planted["images_without_location"]}
     no_date = {str(i) for i in inat.planted["images_without_date"]}
     images = _images_by_split(inat)
@@ -154,14 +188,19 @@ def test_locations_dates_and_licences(inat):
         else:
             assert s["captured_at"][:4].isdigit() and "T" in s["captured_at"]
         _, img, _ = images[int(s["upstream_id"])]
-        assert s["license"] == load_params(REPO / "params.yaml")["sources"]["inat2017"]["license"]
+        assert s["license"] == PARAMS["sources"]["inat2017"]["license"]
         assert img["rights_holder"] in s["attribution"] and "Van Horn" in s["attribution"]
         native = json.loads(s["native_labels"])
         assert native["license_id"] == img["license"] and native["rights_holder"] == img["rights_holder"]
-        assert s["image_format"] == "jpeg" and s["pixel_sha256"] is None and s["phash"] is not None
+        assert s["image_format"] == "jpeg" and s["phash"] is not None
+        # JPEGs are fully decoded once for the pixel hash (dedup's exact_pixels)
+        assert s["pixel_sha256"] == _pixel_hash(inat.root / s["image_path"])
+        assert s["file_sha256"] == hashlib.sha256((inat.root / s["image_path"]).read_bytes()).hexdigest()
         assert (s["width"], s["height"]) == (img["width"], img["height"])
     assert checked_location + checked_date >= 1
-    assert inat.extra["locations"]["date_key"] == "date"
+    assert inat.metrics["locations"]["date_key"] == "date"
+    assert inat.metrics["image_formats"] == {"jpeg": len(inat.samples)}
+    assert inat.metrics["non_finite_nulled"] == {} and inat.metrics["size_mismatch_json_vs_file"] == 0
 
 
 def test_labels_and_class_index_keyed_by_category_id(inat):
@@ -181,17 +220,18 @@ def test_labels_and_class_index_keyed_by_category_id(inat):
         for c in sorted(categories.values(), key=lambda c: c["id"])
         if c["supercategory"] in SELECTED
     ]
+    assert inat.metrics["selected_categories"] == len(classes)
 
 
-def test_ids_and_byte_identical_rerun(inat, tmp_path):
+def test_ids_and_byte_identical_rerun(inat, tmp_path, monkeypatch):
     ids = [s["sample_id"] for s in inat.samples]
     assert all(i == f"inat2017-{s['upstream_id']}" for i, s in zip(ids, inat.samples))
+    monkeypatch.setenv("TIDEPOOL_CACHE", "0")  # a clean build, on one process instead of two
     ctx = replace(ingest_context("inat2017", inat.root, out_root=tmp_path), jobs=1)
-    tables, extra = inat2017.ingest(ctx)
-    tables.write(ctx.out_dir)
-    for name in ("samples.parquet", "quarantine.parquet", "points.parquet", "classes.json"):
+    metrics = ingest_source(ctx)
+    for name in TABLES:
         assert (ctx.out_dir / name).read_bytes() == (inat.ctx.out_dir / name).read_bytes(), name
-    assert extra == inat.extra
+    assert metrics == inat.metrics
 
 
 # --- format changes and damaged inputs, on copies -------------------------------------------------
@@ -201,6 +241,7 @@ def _copy(inat, tmp_path: Path, with_images: bool = False) -> Path:
     root = tmp_path / "project"
     raw = root / "data" / "raw" / "inat2017"
     raw.mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n", encoding="utf-8")
     for path in inat.raw.glob("*.json"):
         shutil.copy2(path, raw / path.name)
     if with_images:
@@ -212,30 +253,333 @@ def _context(root: Path) -> IngestContext:
     return replace(ingest_context("inat2017", root), jobs=1)
 
 
-def test_train_json_without_annotations_fails_naming_the_file(inat, tmp_path):
-    root = _copy(inat, tmp_path)
-    path = root / "data" / "raw" / "inat2017" / "train2017.json"
+def _edit(path: Path, fn) -> None:
     doc = _json(path)
-    del doc["annotations"]
-    path.write_text(json.dumps(doc), encoding="utf-8")
+    doc = fn(doc) or doc
+    # allow_nan: the damaged files hold NaN/Infinity literals as Python's json writes them
+    path.write_text(json.dumps(doc, allow_nan=True), encoding="utf-8")
+
+
+def _raw(root: Path) -> Path:
+    return root / "data" / "raw" / "inat2017"
+
+
+def _marine(inat, split: str, n: int = 1) -> list[dict]:
+    """The first `n` sample rows of `split`, in sample_id order."""
+    return [s for s in inat.samples if s["official_split"] == split][:n]
+
+
+def test_train_json_without_annotations_key_fails_naming_the_file(inat, tmp_path):
+    root = _copy(inat, tmp_path)
+    _edit(_raw(root) / "train2017.json", lambda d: d.pop("annotations") and None)
     with pytest.raises(UpstreamFormatError) as info:
-        inat2017.ingest(_context(root))
+        ingest_source(_context(root))
     assert "train2017.json" in str(info.value) and "annotations" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "words"),
+    [
+        ("train2017.json", "annotations", "no annotations"),
+        ("val2017.json", "images", "no images"),
+        ("val_2017_bboxes.json", "annotations", "no annotations"),
+        ("train2017_locations.json", None, "no location records"),
+    ],
+)
+def test_a_file_that_lost_its_records_fails_loudly(inat, tmp_path, name, key, words):
+    root = _copy(inat, tmp_path)
+
+    def empty(doc):
+        if key is None:
+            return []
+        doc[key] = []
+        return doc
+
+    path = _raw(root) / name
+    path.write_text(json.dumps(empty(_json(path))), encoding="utf-8")
+    with pytest.raises(UpstreamFormatError) as info:
+        ingest_source(_context(root))
+    assert name in str(info.value) and words in str(info.value)
 
 
 def test_category_without_supercategory_fails(inat, tmp_path):
     root = _copy(inat, tmp_path)
-    path = root / "data" / "raw" / "inat2017" / "val2017.json"
-    doc = _json(path)
-    doc["categories"] = [{"id": c["id"], "name": c["name"]} for c in doc["categories"]]
-    path.write_text(json.dumps(doc), encoding="utf-8")
+    _edit(
+        _raw(root) / "val2017.json",
+        lambda d: {**d, "categories": [{"id": c["id"], "name": c["name"]} for c in d["categories"]]},
+    )
     with pytest.raises(UpstreamFormatError, match=r"val2017\.json.*supercategory"):
-        inat2017.ingest(_context(root))
+        ingest_source(_context(root))
 
 
-def test_other_date_key_and_missing_file(inat, tmp_path):
+def test_category_ids_given_as_strings_say_so(inat, tmp_path):
+    # Category records with string ids: a changed format, named by file and record.
+    root = _copy(inat, tmp_path)
+    _edit(
+        _raw(root) / "val2017.json",
+        lambda d: {**d, "categories": [{**c, "id": str(c["id"])} for c in d["categories"]]},
+    )
+    with pytest.raises(UpstreamFormatError) as info:
+        ingest_source(_context(root))
+    assert "val2017.json" in str(info.value) and 'categories[0]: id "0" is a string' in str(info.value)
+
+    # Every annotation's category_id a string: the same, in the annotations.
+    root = _copy(inat, tmp_path / "all")
+    _edit(
+        _raw(root) / "train2017.json",
+        lambda d: {
+            **d,
+            "annotations": [{**a, "category_id": str(a["category_id"])} for a in d["annotations"]],
+        },
+    )
+    with pytest.raises(UpstreamFormatError) as info:
+        ingest_source(_context(root))
+    assert "train2017.json" in str(info.value) and "category_id" in str(info.value)
+    assert "is a string" in str(info.value)
+
+
+def test_one_annotation_with_a_string_category_id_is_a_bad_record_that_says_so(inat, tmp_path):
     root = _copy(inat, tmp_path, with_images=True)
-    raw = root / "data" / "raw" / "inat2017"
+    (victim,) = _marine(inat, "val")
+    image_id = int(victim["upstream_id"])
+    position = {}
+
+    def stringify(doc):
+        for k, ann in enumerate(doc["annotations"]):
+            if ann["image_id"] == image_id:
+                ann["category_id"] = str(ann["category_id"])
+                position["k"] = k
+
+    _edit(_raw(root) / "val2017.json", stringify)
+    run = _run(_context(root))
+    (row,) = [q for q in run.quarantine if q["record_id"] == str(image_id)]
+    category = json.loads(victim["labels"])["category_id"]
+    assert row["reason"] == "bad_record" and row["record_kind"] == "image"
+    assert f'val2017.json annotations[{position["k"]}]: category_id "{category}" is a string' in row["detail"]
+    assert {s["sample_id"] for s in run.samples} == {s["sample_id"] for s in inat.samples} - {
+        victim["sample_id"]
+    }
+
+
+def test_mistyped_and_unhashable_ids_are_bad_records_naming_the_file(inat, tmp_path):
+    root = _copy(inat, tmp_path, with_images=True)
+    raw = _raw(root)
+    (kept,) = _marine(inat, "train")
+    (other,) = _marine(inat, "val")
+    kept_id, other_id = int(kept["upstream_id"]), int(other["upstream_id"])
+    listed = {}
+
+    def string_id(doc):
+        # The val image takes the train image's id as a string: `0` and `"0"` must never collide.
+        for k, img in enumerate(doc["images"]):
+            if img["id"] == other_id:
+                img["id"] = str(kept_id)
+                listed["k"] = k
+        for ann in doc["annotations"]:
+            if ann["image_id"] == other_id:
+                ann["image_id"] = str(kept_id)
+        # and an image whose id is unhashable (its file a marine one), with an annotation naming it
+        record = next(img for img in doc["images"] if img["id"] == str(kept_id))
+        doc["images"].append({**record, "id": [0]})
+        doc["annotations"].append({"id": 99999, "image_id": [0], "category_id": 0})
+
+    _edit(raw / "val2017.json", string_id)
+    _edit(raw / "val2017_locations.json", lambda d: [*d, {"id": [0], "lat": 1.0, "lon": 2.0}])
+    _edit(
+        raw / "val_2017_bboxes.json",
+        lambda d: d["annotations"].append({"image_id": {"x": 1}, "bbox": [1, 2, 3, 4]}),
+    )
+    run = _run(_context(root))
+
+    assert kept["sample_id"] in {s["sample_id"] for s in run.samples}
+    rows = {(q["record_kind"], q["record_id"]): q for q in run.quarantine}
+    string_row = rows[("image", f'"{kept_id}"')]
+    assert string_row["reason"] == "bad_record" and string_row["file"] == other["image_path"]
+    assert (
+        f'val2017.json images[{listed["k"]}]: id "{kept_id}" is a string, not an integer'
+        in string_row["detail"]
+    )
+    list_row = rows[("image", "[0]")]
+    assert list_row["reason"] == "bad_record" and "id [0] is a list" in list_row["detail"]
+    annotation_rows = [q for q in run.quarantine if q["record_kind"] == "annotation_row"]
+    assert len(annotation_rows) == 2 and {q["reason"] for q in annotation_rows} == {"bad_record"}
+    assert all(q["file"] == "data/raw/inat2017/val2017.json" for q in annotation_rows)
+    assert run.metrics["inputs"] == {"annotation_row": 2, "image": inat.metrics["inputs"]["image"] + 1}
+    assert run.metrics["locations"]["records_mistyped_id"] == 1
+    assert run.metrics["bboxes"]["malformed_dropped"] == 1
+
+
+def test_a_file_with_no_integer_image_id_fails_naming_it(inat, tmp_path):
+    root = _copy(inat, tmp_path)
+    _edit(
+        _raw(root) / "val2017.json",
+        lambda d: {**d, "images": [{**i, "id": str(i["id"])} for i in d["images"]]},
+    )
+    with pytest.raises(UpstreamFormatError) as info:
+        ingest_source(_context(root))
+    assert "val2017.json" in str(info.value) and "integer" in str(info.value)
+
+
+def test_nan_and_infinity_never_reach_a_table(inat, tmp_path):
+    root = _copy(inat, tmp_path, with_images=True)
+    raw = _raw(root)
+    a = next(
+        s for s in inat.samples if s["official_split"] == "train" and json.loads(s["native_labels"])["bboxes"]
+    )
+    b = next(s for s in inat.samples if s["official_split"] == "train" and s is not a)
+    ids = {int(a["upstream_id"]): "a", int(b["upstream_id"]): "b"}
+
+    def poison_locations(doc):
+        for rec in doc:
+            if ids.get(rec["id"]) == "a":
+                rec["lat"] = float("nan")
+                rec["user_id"] = float("nan")
+            elif ids.get(rec["id"]) == "b":
+                rec["lon"] = float("inf")
+
+    def poison_boxes(doc):
+        boxes = [ann for ann in doc["annotations"] if ids.get(ann["image_id"]) == "a"]
+        boxes[0]["bbox"][0] = float("nan")  # a box that is not four finite numbers: dropped
+        doc["annotations"].append({**boxes[0], "id": 777777, "bbox": [1, 2, 3, 4], "area": float("inf")})
+
+    _edit(raw / "train2017_locations.json", poison_locations)
+    _edit(raw / "train_2017_bboxes.json", poison_boxes)
+    assert "NaN" in (raw / "train2017_locations.json").read_text()
+    run = _run(_context(root))
+
+    by_id = {s["upstream_id"]: s for s in run.samples}
+    assert set(by_id) == {s["upstream_id"] for s in inat.samples}
+    for s in run.samples:
+        for column in ("labels", "native_labels"):
+            _strict(s[column])
+        for column in ("lat", "lon"):
+            assert s[column] is None or np.isfinite(s[column])
+    sa, sb = by_id[a["upstream_id"]], by_id[b["upstream_id"]]
+    assert (sa["lat"], sa["lon"], sa["observer"]) == (None, None, None)
+    assert (sb["lat"], sb["lon"]) == (None, None) and sb["observer"] == b["observer"]
+    na, nb = _strict(sa["native_labels"]), _strict(sb["native_labels"])
+    assert na["location"]["lat"] is None and na["location"]["user_id"] is None
+    assert nb["location"]["lon"] is None
+    nulled = {"location.lat", "location.user_id", "location.lon", "bboxes.area"}
+    assert set(na.get("nulled_non_finite", [])) | set(nb.get("nulled_non_finite", [])) == nulled
+    assert next(x for x in na["bboxes"] if x["id"] == 777777)["area"] is None
+    assert run.metrics["non_finite_nulled"] == {
+        "bboxes.area": 1,
+        "location.lat": 1,
+        "location.lon": 1,
+        "location.user_id": 1,
+    }
+    assert run.metrics["bboxes"]["malformed_dropped"] == 1
+    json.dumps(run.metrics, allow_nan=False)
+    _strict((run.ctx.out_dir / "classes.json").read_text())
+
+
+def test_a_folder_or_a_link_where_an_image_is_expected_is_quarantined(inat, tmp_path):
+    root = _copy(inat, tmp_path, with_images=True)
+    raw = _raw(root)
+    folder, linked = _marine(inat, "train", 2)
+    folder_id, linked_id = int(folder["upstream_id"]), int(linked["upstream_id"])
+    category_dir = str(Path(folder["image_path"]).parent.relative_to("data/raw/inat2017"))
+
+    def point_at_folder(doc):
+        for img in doc["images"]:
+            if img["id"] == folder_id:
+                img["file_name"] = category_dir  # train_val_images/<sup>/<category>: a folder
+
+    _edit(raw / "train2017.json", point_at_folder)
+    secret = tmp_path / "host-file.jpg"
+    shutil.copy2(root / linked["image_path"], secret)
+    (root / linked["image_path"]).unlink()
+    os.symlink(secret, root / linked["image_path"])
+    run = _run(_context(root))
+
+    rows = {q["record_id"]: q for q in run.quarantine}
+    assert rows[str(folder_id)]["reason"] == "not_a_regular_file"
+    assert rows[str(folder_id)]["file"] == f"data/raw/inat2017/{category_dir}"
+    assert rows[str(linked_id)]["reason"] == "not_a_regular_file"
+    assert "link" in rows[str(linked_id)]["detail"]
+    assert len(run.samples) == len(inat.samples) - 2
+
+
+def test_image_bytes_decide_the_format(inat, tmp_path):
+    root = _copy(inat, tmp_path, with_images=True)
+    png, mpo, tiff, gif = _marine(inat, "train", 4)
+    with Image.open(root / png["image_path"]) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    Image.fromarray(pixels).save(root / png["image_path"], "PNG")  # PNG bytes under a .jpg name
+    stereo = Image.fromarray(pixels[:, ::-1].copy())
+    with Image.open(root / mpo["image_path"]) as img:
+        first = img.convert("RGB")
+    first.save(root / mpo["image_path"], "MPO", save_all=True, append_images=[stereo], quality=90)
+    for row, fmt in ((tiff, "TIFF"), (gif, "GIF")):
+        with Image.open(root / row["image_path"]) as img:
+            img.convert("RGB").save(root / row["image_path"], fmt)
+    run = _run(_context(root))
+
+    by_id = {s["upstream_id"]: s for s in run.samples}
+    as_png = by_id[png["upstream_id"]]
+    assert as_png["image_format"] == "png" and as_png["image_path"].endswith(".jpg")
+    assert as_png["pixel_sha256"] == png["pixel_sha256"]  # the same pixels as the JPEG it was made from
+    as_mpo = by_id[mpo["upstream_id"]]
+    with Image.open(root / mpo["image_path"]) as img:
+        assert img.format == "MPO"
+    assert as_mpo["image_format"] == "jpeg" and (as_mpo["width"], as_mpo["height"]) == (
+        mpo["width"],
+        mpo["height"],
+    )
+    assert as_mpo["pixel_sha256"] == _pixel_hash(root / mpo["image_path"])  # its first frame
+    rows = {q["record_id"]: q for q in run.quarantine}
+    for row, fmt in ((tiff, "TIFF"), (gif, "GIF")):
+        assert rows[row["upstream_id"]]["reason"] == "unsupported_format"
+        assert fmt in rows[row["upstream_id"]]["detail"]
+    assert run.metrics["image_formats"] == {"jpeg": len(inat.samples) - 3, "png": 1}
+
+
+def test_names_are_compared_in_nfc(inat, tmp_path):
+    root = _copy(inat, tmp_path, with_images=True)
+    raw = _raw(root)
+    json_nfc, json_nfd, clash = _marine(inat, "val", 3)
+    name = "Sépia officinalis"  # a category folder with an accent, é as one code point (NFC)
+    renames = {}
+    for row, disk_form, json_form in (
+        (json_nfc, "NFD", "NFC"),  # tar written on macOS: NFD on disk, NFC in the JSON
+        (json_nfd, "NFC", "NFD"),
+        (clash, "NFC", "NFC"),
+    ):
+        old = root / row["image_path"]
+        sup = old.parent.parent.name
+        disk = raw / "train_val_images" / sup / unicodedata.normalize(disk_form, name) / old.name
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        old.rename(disk)
+        renames[int(row["upstream_id"])] = (
+            f"train_val_images/{sup}/{unicodedata.normalize(json_form, name)}/{old.name}"
+        )
+    # a second file whose name differs from the clash's only in normalisation
+    clash_disk = raw / renames[int(clash["upstream_id"])]
+    twin = clash_disk.parent.parent / unicodedata.normalize("NFD", name) / clash_disk.name
+    twin.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(clash_disk, twin)
+
+    def rename(doc):
+        for img in doc["images"]:
+            if img["id"] in renames:
+                img["file_name"] = renames[img["id"]]
+
+    _edit(raw / "val2017.json", rename)
+    run = _run(_context(root))
+    by_id = {s["upstream_id"]: s for s in run.samples}
+    for row, disk_form in ((json_nfc, "NFD"), (json_nfd, "NFC")):
+        s = by_id[row["upstream_id"]]
+        assert unicodedata.normalize(disk_form, name) in s["image_path"]
+        assert (root / s["image_path"]).is_file() and s["file_sha256"] == row["file_sha256"]
+        assert json.loads(s["native_labels"])["file_name"] == renames[int(row["upstream_id"])]
+    (row,) = [q for q in run.quarantine if q["record_id"] == clash["upstream_id"]]
+    assert row["reason"] == "bad_record" and "NFC" in row["detail"]
+
+
+def test_other_date_key_missing_file_and_unreferenced_file(inat, tmp_path):
+    root = _copy(inat, tmp_path, with_images=True)
+    raw = _raw(root)
     for split in ("train", "val"):
         path = raw / f"{split}2017_locations.json"
         records = _json(path)
@@ -247,14 +591,16 @@ def test_other_date_key_and_missing_file(inat, tmp_path):
         )
     gone = next(s for s in inat.samples if s["captured_at"])
     (root / gone["image_path"]).unlink()
-    tables, extra = inat2017.ingest(_context(root))
-    assert extra["locations"]["date_key"] == "datetime"
-    by_id = {s["upstream_id"]: s for s in tables.samples}
+    shutil.copy2(root / inat.samples[-1]["image_path"], raw / "train_val_images" / "Mollusca" / "stray.jpg")
+    run = _run(_context(root))
+    assert run.metrics["locations"]["date_key"] == "datetime"
+    by_id = {s["upstream_id"]: s for s in run.samples}
     for s in inat.samples:
         if s["upstream_id"] != gone["upstream_id"]:
             assert by_id[s["upstream_id"]]["captured_at"] == s["captured_at"]
-    (row,) = [q for q in tables.quarantine if q["record_id"] == gone["upstream_id"]]
+    (row,) = [q for q in run.quarantine if q["record_id"] == gone["upstream_id"]]
     assert row["reason"] == "missing_image" and row["file"] == gone["image_path"]
+    assert run.metrics["unreferenced_files"] == 1
 
 
 # --- property: any mix of records is accounted for exactly once -----------------------------------
@@ -274,11 +620,16 @@ _image_spec = st.fixed_dictionaries(
                 "no_annotation",
                 "unsafe_name",
                 "duplicate_id",
+                "string_id",
+                "string_category",
+                "folder",
             ]
         ),
-        "location": st.sampled_from(["full", "null", "absent"]),
+        "location": st.sampled_from(["full", "null", "absent", "nan"]),
     }
 )
+# Every file needs records, or the source "lost" them: one good marine image per split first.
+_ANCHORS = [{"split": split, "category": 0, "kind": "good", "location": "full"} for split in ("train", "val")]
 
 
 def _jpeg(seed: int) -> bytes:
@@ -288,8 +639,11 @@ def _jpeg(seed: int) -> bytes:
 
 
 @settings(max_examples=60, deadline=None)
-@given(specs=st.lists(_image_spec, min_size=1, max_size=8), orphans=st.lists(st.integers(0, 3), max_size=3))
-def test_property_inputs_equal_samples_plus_quarantine(specs, orphans):
+@given(
+    generated=st.lists(_image_spec, min_size=0, max_size=8), orphans=st.lists(st.integers(0, 3), max_size=3)
+)
+def test_property_inputs_equal_samples_plus_quarantine(generated, orphans):
+    specs = _ANCHORS + generated
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         raw = root / "data" / "raw" / "inat2017"
@@ -298,6 +652,7 @@ def test_property_inputs_equal_samples_plus_quarantine(specs, orphans):
         ]
         docs = {s: {"images": [], "categories": categories, "annotations": []} for s in ("train", "val")}
         locations: dict[str, list] = {"train": [], "val": []}
+        boxes: dict[str, list] = {"train": [], "val": []}
         effective = []  # (category index, kind) of each image record as written
         for i, spec in enumerate(specs):
             kind, category = spec["kind"], spec["category"]
@@ -305,23 +660,33 @@ def test_property_inputs_equal_samples_plus_quarantine(specs, orphans):
                 # the previous image listed again (maybe in the other split): same id, file, category
                 image = dict(docs[specs[i - 1]["split"]]["images"][-1])
                 category = effective[-1][0]
-                annotated = "no_annotation" not in effective[-1][1]
-                kind = "duplicate" if annotated else "duplicate no_annotation"
+                previous = effective[-1][1]
+                annotated = "no_annotation" not in previous
+                # a second listing of a good or bad image is a bad record; of a mistyped id, it
+                # is as bad as the first (its id is not an integer either)
+                kind = (
+                    previous
+                    if previous == "string_id"
+                    else ("duplicate" if annotated else "duplicate no_annotation")
+                )
             else:
                 kind = "good" if kind == "duplicate_id" else kind
                 cat = categories[category]
                 name = f"train_val_images/{cat['supercategory']}/{cat['name']}/{i:032x}.jpg"
                 if kind == "unsafe_name":
                     name = f"train_val_images/../../{i}.jpg"
+                elif kind == "folder":
+                    name = f"train_val_images/{cat['supercategory']}/{cat['name']}/folder{i}"
+                    (raw / name).mkdir(parents=True, exist_ok=True)
                 image = {
-                    "id": 100 + i,
+                    "id": 100 + i if kind != "string_id" else str(100 + i),
                     "file_name": name,
                     "width": 16,
                     "height": 12,
                     "license": 1,
                     "rights_holder": "R",
                 }
-                if kind not in ("missing_file", "unsafe_name"):
+                if kind not in ("missing_file", "unsafe_name", "folder"):
                     path = raw / name
                     path.parent.mkdir(parents=True, exist_ok=True)
                     data = _jpeg(i)
@@ -330,17 +695,24 @@ def test_property_inputs_equal_samples_plus_quarantine(specs, orphans):
             doc = docs[spec["split"]]
             doc["images"].append(image)
             if "no_annotation" not in kind:
+                cat_id = 10 + category
                 doc["annotations"].append(
-                    {"id": image["id"], "image_id": image["id"], "category_id": 10 + category}
+                    {
+                        "id": 100 + i,
+                        "image_id": image["id"],
+                        "category_id": str(cat_id) if kind == "string_category" else cat_id,
+                    }
                 )
+            boxes[spec["split"]].append({"id": 100 + i, "image_id": image["id"], "bbox": [1, 1, 4, 4]})
             if spec["location"] != "absent":
                 full = spec["location"] == "full"
+                nan = spec["location"] == "nan"
                 locations[spec["split"]].append(
                     {
                         "id": image["id"],
-                        "lat": 1.5 if full else None,
-                        "lon": 2.5 if full else None,
-                        "user_id": 7 if full else None,
+                        "lat": float("nan") if nan else (1.5 if full else None),
+                        "lon": 2.5 if full or nan else None,
+                        "user_id": 7 if full or nan else None,
                         "date": "2015-06-01 10:00:00" if full else None,
                     }
                 )
@@ -349,7 +721,7 @@ def test_property_inputs_equal_samples_plus_quarantine(specs, orphans):
         raw.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
             (raw / f"{split}2017.json").write_text(json.dumps(docs[split]))
-            (raw / f"{split}_2017_bboxes.json").write_text(json.dumps({"annotations": []}))
+            (raw / f"{split}_2017_bboxes.json").write_text(json.dumps({"annotations": boxes[split]}))
             (raw / f"{split}2017_locations.json").write_text(json.dumps(locations[split]))
         ctx = IngestContext(
             "inat2017",
@@ -361,17 +733,24 @@ def test_property_inputs_equal_samples_plus_quarantine(specs, orphans):
             root / "data" / "tables",
             jobs=1,
         )
-        tables, extra = inat2017.ingest(ctx)
-        tables.check()
+        run = _run(ctx)
 
+        # A string id's category is unknown to the join (its annotation names a string image id),
+        # so it is an input when its folder's supercategory is selected, like any other image.
         marine = [kind for category, kind in effective if _SUPERS[category] in SELECTED]
         selected_orphans = sum(1 for c in orphans if _SUPERS[c] in SELECTED)
-        kinds = Counter(q["record_kind"] for q in tables.quarantine)
-        assert extra["inputs"] == {"images": len(marine), "orphan_annotations": selected_orphans}
-        assert len(tables.samples) + kinds["image"] == len(marine)
-        assert kinds["annotation_row"] == selected_orphans
-        assert extra["filtered_by_params"]["images"] == len(specs) - len(marine)
-        reasons = Counter(q["reason"] for q in tables.quarantine if q["record_kind"] == "image")
+        string_orphans = sum(
+            1 for category, kind in effective if kind == "string_id" and _SUPERS[category] in SELECTED
+        )
+        kinds = Counter(q["record_kind"] for q in run.quarantine)
+        assert run.metrics["inputs"] == {
+            "annotation_row": selected_orphans + string_orphans,
+            "image": len(marine),
+        }
+        assert len(run.samples) + kinds["image"] == len(marine)
+        assert kinds["annotation_row"] == selected_orphans + string_orphans
+        assert run.metrics["filtered_by_params"]["images"] == len(specs) - len(marine)
+        reasons = Counter(q["reason"] for q in run.quarantine if q["record_kind"] == "image")
         # a second listing of an image id is a bad record whatever its first listing was
         verdict = {
             "good": "sample",
@@ -379,8 +758,15 @@ def test_property_inputs_equal_samples_plus_quarantine(specs, orphans):
             "missing_file": "missing_image",
             "no_annotation": "no_annotation",
             "unsafe_name": "bad_record",
+            "string_id": "bad_record",
+            "string_category": "bad_record",
+            "folder": "not_a_regular_file",
         }
         expected = Counter(verdict.get(kind, "bad_record") for kind in marine)
-        assert Counter({"sample": len(tables.samples), **reasons}) == expected
-        for s in tables.samples:
-            assert (s["observer"] is None) == (s["lat"] is None)
+        assert Counter({"sample": len(run.samples), **reasons}) == expected
+        for s in run.samples:
+            native = _strict(s["native_labels"])
+            if "nulled_non_finite" in native:  # a NaN lat: no position, the observer stays
+                assert s["lat"] is None and s["observer"] == "7"
+            else:
+                assert (s["observer"] is None) == (s["lat"] is None)

@@ -75,7 +75,11 @@ def release_md5s(root: Path) -> dict[str, dict[str, str]]:
     out = {}
     for product in sorted(p.name for p in (root / "data" / "release").iterdir() if p.is_dir()):
         folder = root / "data" / "release" / product
-        out[product] = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}  # noqa: S324
+        files = sorted(f for f in folder.rglob("*") if f.is_file())  # the viewer/ and croissant/ folders too
+        out[product] = {
+            f.relative_to(folder).as_posix(): hashlib.md5(f.read_bytes()).hexdigest()  # noqa: S324
+            for f in files
+        }
     return out
 
 
@@ -188,7 +192,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, sample_upstream: Path) -> An
     upstream = base / "upstream"
     shutil.copytree(sample_upstream, upstream)  # private: the planted change edits it
     root = make_project(base / "project")
-    with Loopback(upstream=upstream) as lb:
+    store = base / "s3-store"
+    lb = Loopback(upstream=upstream, store=store).start()
+    try:
         overlay = lb.write_overlay(base / "endpoints.yaml")
         p = Pipeline(root, lb, overlay)
         p.env.update(GIT_ID)
@@ -220,6 +226,16 @@ def world(tmp_path_factory: pytest.TempPathFactory, sample_upstream: Path) -> An
         p.git("add", "-A")
         p.git("commit", "-q", "-m", "mermaid grew")
         second = p.run(sys.executable, "-m", "stages.release_cut", "0.2.0")
+
+        # The demo ends and starts again: the loopback stops (saving the DVC remote bucket to the
+        # store) and a new one, on new ports, restores it. Every later test reads the restored one.
+        pushed = _remote_objects(lb)
+        lb.stop()
+        lb = Loopback(upstream=upstream, store=store).start()
+        overlay = lb.write_overlay(base / "endpoints.yaml")
+        p.lb = lb
+        lb.configure_dvc_remote(root)
+        p.dvc("remote", "modify", "--local", PUBLIC, "endpointurl", lb.s3_endpoint)
         yield {
             "p": p,
             "lb": lb,
@@ -233,7 +249,19 @@ def world(tmp_path_factory: pytest.TempPathFactory, sample_upstream: Path) -> An
             "manifest_v1": manifest_v1,
             "planted": planted,
             "old_snapshot": old_snapshot,
+            "pushed": pushed,
         }
+    finally:
+        lb.stop()
+
+
+def _remote_objects(lb: Any) -> dict[str, int]:
+    """key -> size of every object in the DVC remote bucket (DVC's keys are the content's md5)."""
+    client = lb.s3_client()
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="tidepool-dvc"):
+        out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+    return out
 
 
 # --- tests ----------------------------------------------------------------------------------------
@@ -255,18 +283,36 @@ def test_release_commits_tags_and_pushes_everything(world):
     assert json.loads(p.dvc("status", "--cloud", "--json").stdout) == {}
 
 
-def test_fresh_clone_pulls_the_tag_byte_identical_and_has_nothing_to_do(world):
-    p, lb = world["p"], world["lb"]
-    clone = world["base"] / "clone"
-    subprocess.run(["git", "clone", "-q", str(p.root), str(clone)], check=True)
-    subprocess.run(["git", "checkout", "-q", "v0.1.0"], cwd=clone, check=True)
-    c = Pipeline(clone, lb, world["overlay"])
-    c.dvc("pull")
+def _walkthrough(world: Any, work: Path) -> Any:
+    """The walkthrough's steps (stages.walkthrough), pointed at the world's loopback by environment
+    only, as `make walkthrough` points them: no `.dvc/config.local` anywhere but the producer's."""
+    from stages import walkthrough as wt
+
+    lb = world["lb"]
+    lines: list[str] = []
+    w = wt.Walkthrough(work, wt.base_env({**lb.env(world["overlay"]), **lb.remote_env()}), lines.append)
+    return w, lines
+
+
+def test_pushed_releases_survive_a_loopback_restart(world):
+    lb = world["lb"]
+    assert world["pushed"], "the releases pushed nothing"
+    assert lb.restored == len(world["pushed"])
+    assert _remote_objects(lb) == world["pushed"]  # same keys, same sizes, on a new server
+
+
+def test_fresh_clone_pulls_the_tag_byte_identical_and_has_nothing_to_do(world, tmp_path):
+    w, lines = _walkthrough(world, tmp_path)
+    clone = tmp_path / "clone"
+    with w.step("fresh clone: git clone, git checkout v0.1.0 && dvc pull, dvc status") as r:
+        got = w.fresh_clone_pull(world["p"].root, "v0.1.0", clone)
+        r["ok"] = f"{got['files']} files"
+    assert got["status"] == {} and not got["config_local"]
     assert output_digests(clone) == world["digests_v1"]
-    assert json.loads(c.dvc("status", "--json").stdout) == {}
-    again = c.dvc("repro")
-    assert stages_run(again.stdout) == []
-    assert "Data and pipelines are up to date." in again.stdout
+    again = w.dvc(clone, "repro")
+    assert stages_run(again) == []
+    assert "Data and pipelines are up to date." in again
+    assert lines[0].startswith("[1] fresh clone") and any(line.startswith("    ok (") for line in lines)
 
 
 def test_release_diff_shows_exactly_the_planted_changes(world):
@@ -354,11 +400,10 @@ def test_cards_and_croissant_of_the_built_products(world, tmp_path):
         }
         assert shards == {t.name: sha256(t) for t in folder.glob("*.tar")}
     assert "Not redistributable" in (root / "data" / "release" / "inat2017" / "README.md").read_text()
-    # Class distributions per split reach `dvc plots` (top-level `plots:` over metrics/plots/classes).
+    # Class distributions per split reach `dvc plots` (top-level `plots:`, one class,split,count file each).
     shown = json.loads(world["p"].dvc("plots", "show", "--json").stdout)["data"]
-    products = ("reef-points", "coast-seg")
-    expected = {f"metrics/plots/classes/{p}/{s}.csv" for p in products for s in ("train", "test")}
-    assert expected <= set(shown)
+    products = ("reef-points", "reef-images", "coast-seg", "inat2017")
+    assert {f"metrics/plots/classes/{p}.csv" for p in products} <= set(shown)
     mlc = pytest.importorskip("mlcroissant", reason="mlcroissant is not installed (requirements.txt)")
     for product in ("reef-points", "coast-seg"):
         mlc.Dataset(str(root / "data" / "release" / product / "croissant.json"))  # raises on any error
@@ -450,3 +495,217 @@ def test_example_trains_one_epoch_from_the_shards(world):
     assert res.returncode == 0, res.stderr
     train_samples = sum(1 for r in manifest(world["p"].root, "reef-points") if r["split"] == "train")
     assert f"epoch 1: {train_samples} training samples" in res.stdout
+
+
+# --- the walkthrough's consumer steps, the release diff's pictures, the pull-request workflow -----
+
+
+def _sidecar(project: Path, product: str) -> dict[str, Any]:
+    return json.loads((project / "build" / "diff" / f"{product}-changes.json").read_text())
+
+
+def test_walkthrough_import_get_and_make_diff_with_the_planted_contact_sheet(world, tmp_path):
+    import webdataset as wds
+    from PIL import Image
+
+    from stages import diff_pictures as pics
+
+    p, planted = world["p"], world["planted"]
+    w, lines = _walkthrough(world, tmp_path)
+    # dvc import into an empty DVC project: the endpoint came from the environment, so the .dvc
+    # file records none (a loopback port in a tracked file would be dead tomorrow).
+    got = w.import_product(p.root, "reef-points", "v0.1.0", tmp_path / "consumer")
+    repo = got["record"]["deps"][0]["repo"]
+    assert repo["rev"] == "v0.1.0" and "remote" not in repo and "config" not in repo
+    assert got["samples"] == len(world["manifest_v1"]["reef-points"])
+    assert not (tmp_path / "consumer" / ".dvc" / "config.local").exists()
+    fetched = w.get_product(p.root, "coast-seg", "v0.2.0", tmp_path / "coast-seg")
+    assert fetched["samples"] == len(manifest(p.root, "coast-seg")) and fetched["shards"] > 0
+
+    # make diff: stdout is the markdown alone, the pictures land in build/diff/ and are embedded.
+    md = w.release_diff(p.root, "v0.1.0", "v0.2.0", tmp_path / "diff.md")
+    text = md["markdown"]
+    assert text.startswith("## Dataset diff `v0.1.0` → `v0.2.0`\n")
+    assert "](build/diff/reef-points-changes.png)" in text and "](build/diff/reef-points-classes.png)" in text
+    assert {"reef-points-changes.png", "reef-points-changes.json", "reef-points-classes.png",
+            "reef-images-changes.png"} <= set(md["pictures"])  # fmt: skip
+    # Products with no changed sample get no contact sheet.
+    assert not {"coast-seg-changes.png", "inat2017-changes.png"} & set(md["pictures"])
+
+    # The sheet shows exactly the planted changes, each from its own revision's shard.
+    sheet_rp = _sidecar(p.root, "reef-points")
+    cells = {(c["kind"], c["key"]): c for c in sheet_rp["cells"]}
+    expected = {("added", planted["added"]), ("relabelled", planted["relabelled"])}
+    expected |= {("removed", k) for k in planted["removed"]}
+    assert set(cells) == expected
+    assert cells[("relabelled", planted["relabelled"])]["label_b"] == planted["relabel_to"]
+    assert {c["rev"] for (kind, _), c in cells.items() if kind == "removed"} == {"a"}
+    sheet_ri = _sidecar(p.root, "reef-images")
+    assert {(c["kind"], c["key"]) for c in sheet_ri["cells"]} == {("relabelled", planted["x"]),
+                                                                 ("relabelled", planted["y"])}  # fmt: skip
+    image = Image.open(p.root / "build" / "diff" / "reef-points-changes.png")
+    assert image.size == (sheet_rp["image"]["width"], sheet_rp["image"]["height"])
+    # Each v0.2.0 cell holds the thumbnail of the image webdataset reads from that sample's shard.
+    folder = p.root / "data" / "release" / "reef-points"
+    wanted = {key for kind, key in cells if kind != "removed"}
+    shards = sorted({cells[(k, key)]["shard"] for k, key in cells if key in wanted})
+    seen = 0
+    for sample in wds.WebDataset([str(folder / s) for s in shards], shardshuffle=False).decode("pil"):
+        if sample["__key__"] not in wanted:
+            continue
+        kind = "added" if sample["__key__"] == planted["added"] else "relabelled"
+        c = cells[(kind, sample["__key__"])]
+        img = next(sample[e] for e in ("png", "jpg", "webp") if e in sample)
+        thumb = pics.thumbnail(img)
+        box = (c["x"] + (pics.THUMB - thumb.width) // 2, c["y"] + (pics.THUMB - thumb.height) // 2)
+        crop = image.convert("RGB").crop((box[0], box[1], box[0] + thumb.width, box[1] + thumb.height))
+        assert crop.tobytes() == thumb.tobytes(), sample["__key__"]
+        seen += 1
+    assert seen == len(wanted)
+    assert Image.open(p.root / "build" / "diff" / "reef-points-classes.png").format == "PNG"
+    assert "Relabels (from → to):" in text and "Added and removed by source:" in text
+
+
+def _ci_clone(world: Any, dest: Path) -> Path:
+    """What the workflow has: a git clone at the head, no DVC data, no config.local."""
+    subprocess.run(["git", "clone", "-q", str(world["p"].root), str(dest)], check=True)
+    return dest
+
+
+def _ci_env(world: Any, **extra: str) -> dict[str, str]:
+    from stages import walkthrough as wt
+
+    lb = world["lb"]
+    env = wt.base_env(lb.env(world["overlay"]))
+    env.pop("AWS_ENDPOINT_URL_S3", None)
+    return {**env, **extra}
+
+
+def test_pr_check_on_a_checkout_without_data(world, tmp_path):
+    lb = world["lb"]
+    clone = _ci_clone(world, tmp_path / "head")
+    env = _ci_env(world, AWS_ENDPOINT_URL_S3=lb.s3_endpoint)
+
+    def pr_check(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stages.pr_check", "--json", *args], cwd=clone, env=env,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+
+    ok = pr_check()
+    assert ok.returncode == 0, ok.stderr
+    clean = {"ok": True, "findings": []}
+    assert json.loads(ok.stdout) == {"lock": clean, "pushed": clean}
+    # A code change without `dvc repro` is a stale dvc.lock, named by stage and file.
+    (clone / "stages" / "split.py").write_text((clone / "stages" / "split.py").read_text() + "# edited\n")
+    stale = pr_check("--no-remote", "fork")
+    assert stale.returncode == 1
+    found = json.loads(stale.stdout)
+    assert found["pushed"] == {"ok": None, "reason": "fork", "findings": []}
+    assert any(f.startswith("`split`") and "stages/split.py" in f for f in found["lock"]["findings"])
+    subprocess.run(["git", "checkout", "-q", "--", "stages/split.py"], cwd=clone, check=True)
+    # Outputs that are in no remote: point the remote at an empty prefix.
+    subprocess.run([*world["p"].dvc_cmd, "remote", "modify", "--local", "storage", "url",
+                    "s3://tidepool-dvc/nothing-here"], cwd=clone, env=env, check=True)  # fmt: skip
+    missing = pr_check()
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout)["lock"]["ok"] is True
+    findings = json.loads(missing.stdout)["pushed"]["findings"]
+    assert any(f.startswith("data/release/reef-points") for f in findings), findings
+
+
+def _workflow() -> dict[str, Any]:
+    return yaml.safe_load((REPO / ".github" / "workflows" / "dataset-diff.yml").read_text())
+
+
+def _step(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in doc["jobs"]["diff"]["steps"] if s.get("name") == name)
+
+
+def test_workflow_triggers_permissions_and_steps():
+    doc = _workflow()
+    on = doc.get("on", doc.get(True))  # YAML 1.1 reads a bare `on` as true
+    paths = on["pull_request"]["paths"]
+    for wanted in ("dvc.lock", "dvc.yaml", "params.yaml", "metrics/**", "data/ledger/**", "data/tables/**",
+                   "stages/**"):  # fmt: skip
+        assert wanted in paths
+    steps = doc["jobs"]["diff"]["steps"]
+    install = _step(doc, "Install what the diff needs")["run"]
+    assert "requirements-diff.txt" in install and "-r requirements.txt" not in install
+    diff_step = _step(doc, "Release diff")
+    script = diff_step["run"]
+    assert 'git merge-base "$BASE_SHA" "$HEAD_SHA"' in script
+    assert 'python -m stages.diff "${base:0:10}" "${HEAD_SHA:0:10}"' in script  # merge base, not base tip
+    assert "python -m stages.pr_check" in script
+    assert doc["jobs"]["diff"]["env"]["HEAD_SHA"] == "${{ github.event.pull_request.head.sha }}"
+    # Fork pull requests: no comment, no pictures branch; the artifact and summary still happen, and a
+    # refused write does not turn the run red.
+    comment = _step(doc, "Comment on the pull request")
+    assert "env.SAME_REPO == 'true'" in comment["if"] and comment["continue-on-error"] is True
+    publish = _step(doc, "Publish the pictures for the comment")
+    assert "env.SAME_REPO == 'true'" in publish["if"] and publish["continue-on-error"] is True
+    upload = next(s for s in steps if str(s.get("uses", "")).startswith("actions/upload-artifact"))
+    assert upload["if"] == "always()" and upload["with"]["path"] == "diff-out/"
+    assert doc["jobs"]["diff"]["env"]["SAME_REPO"] == (
+        "${{ github.event.pull_request.head.repo.full_name == github.repository }}")  # fmt: skip
+    fail = _step(doc, "Fail when dvc.lock is stale, outputs are not pushed, or the diff failed")
+    assert fail["if"] == "steps.diff.outputs.failed == '1'"
+    # Only what the diff needs is installed, pinned as requirements.txt pins it.
+    from stages.requirements_subset import read_pins, subset_text
+
+    assert (REPO / "requirements-diff.txt").read_text() == subset_text(REPO / "requirements.txt")
+    subset, full = read_pins(REPO / "requirements-diff.txt"), read_pins(REPO / "requirements.txt")
+    assert subset.items() <= full.items() and "moto" not in subset and "dvc" in subset
+
+
+def _run_step(doc: dict[str, Any], name: str, cwd: Path, env: dict[str, str]) -> Any:
+    """Run a workflow step's script as Actions does (`bash -eo pipefail`), `${{ }}` resolved by `env`."""
+    step = _step(doc, name)
+    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], cwd=cwd,
+                          env=env, capture_output=True, text=True, check=False, timeout=900)  # fmt: skip
+
+
+def test_workflow_diff_step_runs_on_a_checkout_without_data(world, tmp_path):
+    p, lb = world["p"], world["lb"]
+    doc = _workflow()
+    clone = _ci_clone(world, tmp_path / "ci")
+    base_sha = p.git("rev-parse", "v0.1.0^{commit}").stdout.strip()  # the tags are annotated
+    head_sha = p.git("rev-parse", "v0.2.0^{commit}").stdout.strip()
+    outputs, summary = tmp_path / "outputs", tmp_path / "summary.md"
+    pictures_url = "https://pictures.invalid/pr-1/abc"
+    env = _ci_env(world, BASE_SHA=base_sha, HEAD_SHA=head_sha, GITHUB_OUTPUT=str(outputs),
+                  GITHUB_STEP_SUMMARY=str(summary), MARKER=doc["env"]["MARKER"],
+                  DVC_REMOTE_ENDPOINT=lb.s3_endpoint, PICTURES_URL=pictures_url)  # fmt: skip
+    run = _run_step(doc, "Release diff", clone, env)
+    assert run.returncode == 0, run.stderr
+    out = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
+    assert out == {"base": base_sha, "failed": "0", "pictures": "true"}
+    comment = (clone / "diff-out" / "comment.md").read_text()
+    assert comment.startswith(doc["env"]["MARKER"] + "\n")
+    assert f"Merge base `{base_sha[:10]}` → head `{head_sha[:10]}`." in comment
+    assert "✅ `dvc.lock` is current" in comment
+    assert "✅ Every output in `dvc.lock` is in the DVC remote" in comment
+    assert f"## Dataset diff `{base_sha[:10]}` → `{head_sha[:10]}`" in comment
+    assert f"![reef-points: added, removed and relabelled samples]({pictures_url}/" in comment
+    assert (clone / "diff-out" / "pictures" / "reef-points-changes.png").exists()
+
+    # Without a published copy the images become links to the artifact; the summary gets the comment.
+    point = _step(doc, "Point the markdown at the pictures")
+    env2 = {**env, "PUBLISHED": "", "ARTIFACT_URL": "https://artifact.invalid/1"}
+    res = subprocess.run(["bash", "-eo", "pipefail", "-c", point["run"]], cwd=clone, env=env2,
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    linked = (clone / "diff-out" / "comment.md").read_text()
+    assert "![" not in linked
+    assert "[reef-points: added, removed and relabelled samples: reef-points-changes.png, in the workflow " \
+           "artifact](https://artifact.invalid/1)" in linked
+    assert summary.read_text() == linked
+
+    # A fork: no secrets. The step stays green, says why, and still checks dvc.lock.
+    fork_out = tmp_path / "fork-outputs"
+    shutil.rmtree(clone / "diff-out")
+    fork_env = {**env, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "GITHUB_OUTPUT": str(fork_out)}
+    fork = _run_step(doc, "Release diff", clone, fork_env)
+    assert fork.returncode == 0, fork.stderr
+    assert dict(line.split("=", 1) for line in fork_out.read_text().splitlines())["failed"] == "0"
+    fork_comment = (clone / "diff-out" / "comment.md").read_text()
+    assert "Dataset diff skipped: no DVC remote credentials" in fork_comment
+    assert "✅ `dvc.lock` is current" in fork_comment and "⚪ Outputs pushed: not checked" in fork_comment

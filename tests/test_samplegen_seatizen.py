@@ -45,9 +45,19 @@ def _read(root: Path) -> dict:
     rows = list(csv.DictReader(io.StringIO(files[FILES[0]].decode("utf-8"), newline="")))
     with zipfile.ZipFile(io.BytesIO(files["images.zip"])) as zf:
         infos = zf.infolist()
-        images = {i.filename: zf.read(i) for i in infos}
+        members = {i.filename: zf.read(i) for i in infos}
+    images = {k: v for k, v in members.items() if not _is_mask_input(k)}
     return {"index": json.loads((rec / "index.json").read_text()), "files": files, "rows": rows,
-            "zip_infos": infos, "images": images, "seg": json.loads(files[FILES[1]])}
+            "zip_infos": infos, "images": images, "members": members, "seg": json.loads(files[FILES[1]])}
+
+
+def _is_mask_input(member: str) -> bool:
+    name = member.rsplit("/", 1)[-1]
+    return name == "color.txt" or name.startswith("annotation_mask_")
+
+
+def _odd(result: dict) -> set[str]:
+    return {n for names in result["planted"]["odd_names"].values() for n in names}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +83,7 @@ def test_record_json_lists_every_file_with_its_md5(small: tuple[dict, dict]) -> 
 
 
 def test_multilabel_csv(small: tuple[dict, dict]) -> None:
-    data, _ = small
+    data, result = small
     header = list(data["rows"][0])
     assert header[:4] == ["FileName", "frame_doi", "relative_file_path", "annotation_date"]
     classes = header[4:]
@@ -84,7 +94,7 @@ def test_multilabel_csv(small: tuple[dict, dict]) -> None:
     values = {row[c] for row in data["rows"] for c in classes}
     assert values == {"1", "0", "-1"}
     for row in data["rows"]:
-        assert NAME_RE.match(row["FileName"]), row["FileName"]
+        assert NAME_RE.match(row["FileName"]) or row["FileName"] in _odd(result), row["FileName"]
         assert row["frame_doi"].startswith("10.5281/zenodo.")
         assert row["relative_file_path"].endswith("/" + row["FileName"])
     names = [row["FileName"] for row in data["rows"]]
@@ -93,17 +103,21 @@ def test_multilabel_csv(small: tuple[dict, dict]) -> None:
 
 def test_images_zip(small: tuple[dict, dict]) -> None:
     data, result = small
-    names = [i.filename for i in data["zip_infos"]]
-    assert names == sorted(names)
+    members = [i.filename for i in data["zip_infos"]]
+    assert members == sorted(members)
     assert all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in data["zip_infos"])
+    names = [n for n in data["images"] if n.split("/", 1)[1] not in _odd(result)]
     assert all(n.startswith("2024_dataset/") and NAME_RE.match(n.split("/", 1)[1]) for n in names)
     assert {Path(n).suffix for n in names} == {".JPG", ".jpg", ".jpeg"}
+    assert set(members) - set(data["images"]) == {
+        result["planted"]["raster_mask"]["zip_member"], result["planted"]["raster_mask"]["colour_table"]
+    }
     platforms = {NAME_RE.match(n.split("/", 1)[1])["session"].split("_")[2].split("-")[0] for n in names}
     assert len(platforms) >= 4
     for member, content in data["images"].items():
         with Image.open(io.BytesIO(content)) as img:
             img.load()
-            assert img.format == "JPEG", member
+            assert img.format == ("PNG" if member.endswith(".png") else "JPEG"), member
 
 
 def test_sessions_are_near_duplicate_frames(small: tuple[dict, dict]) -> None:
@@ -111,6 +125,8 @@ def test_sessions_are_near_duplicate_frames(small: tuple[dict, dict]) -> None:
     sessions: dict[str, list[np.ndarray]] = {}
     for member, content in sorted(data["images"].items()):
         m = NAME_RE.match(member.split("/", 1)[1])
+        if m is None:
+            continue  # an odd name, in a session of its own
         with Image.open(io.BytesIO(content)) as img:
             sessions.setdefault(m["session"], []).append(np.asarray(img.convert("L").resize((64, 48)), float))
     multi = [frames for frames in sessions.values() if len(frames) >= 6]
@@ -178,7 +194,7 @@ def test_segmentation_json(small: tuple[dict, dict]) -> None:
 def test_gbif_mapping_covers_the_classes(small: tuple[dict, dict]) -> None:
     data, _ = small
     rows = list(csv.DictReader(io.StringIO(data["files"]["gbif_class_mapping.csv"].decode("utf-8"))))
-    assert {r["label"] for r in rows} == set(list(data["rows"][0])[4:])
+    assert {r["label"] for r in rows} == set(list(data["rows"][0])[4:]) - {seatizen.UNKNOWN_CLASS}
     assert any(r["id_gbif"].startswith("https://www.gbif.org/species/") for r in rows)
 
 
@@ -198,3 +214,33 @@ def test_larger_scale_is_a_superset(runs: dict) -> None:
     for key in ("images", "annotations", "categories"):
         assert all(r in lg["seg"][key] for r in s["seg"][key])
     assert s["files"]["gbif_class_mapping.csv"] == lg["files"]["gbif_class_mapping.csv"]
+
+
+def test_odd_names_raster_mask_and_unknown_class_are_planted(small: tuple[dict, dict]) -> None:
+    data, result = small
+    planted = result["planted"]
+    assert set(planted["odd_names"]) == {
+        "country_without_place", "place_of_several_words", "numbered_platform_one_token", "still_photos",
+        "four_token_rest", "fits_no_rule",
+    }
+    in_csv = {row["FileName"] for row in data["rows"]}
+    in_zip = {n.split("/", 1)[1] for n in data["images"]}
+    assert _odd(result) <= in_csv & in_zip
+    assert not any(NAME_RE.match(n) for n in _odd(result))
+    assert "20190420_MYT_scuba_DSCI1495.JPG" in planted["odd_names"]["country_without_place"]
+    assert "20150611_REU-St-Gilles_scuba_G0043959.JPG" in planted["odd_names"]["still_photos"]
+    # The raster mask: mode L, the image's size, ids of color.txt; no COCO entry for that image.
+    mask = planted["raster_mask"]
+    with Image.open(io.BytesIO(data["members"][mask["zip_member"]])) as img:
+        assert img.mode == "L" and img.size == (mask["size_hw"][1], mask["size_hw"][0])
+        ids = set(np.unique(np.asarray(img)).tolist())
+    with Image.open(io.BytesIO(data["images"]["2024_dataset/" + mask["image"]])) as img:
+        assert img.size == (mask["size_hw"][1], mask["size_hw"][0])
+    table = data["members"][mask["colour_table"]].decode()
+    listed = {line.split()[0] for line in table.splitlines()}
+    assert ids == {0, 1, 2, 3, 4, 5} and {str(i) for i in ids} <= listed
+    assert mask["image"] not in {im["file_name"] for im in data["seg"]["images"]}
+    # The unknown class column carries 1/0 values.
+    col = planted["unknown_class_column"]
+    values = [row[col["name"]] for row in data["rows"]]
+    assert set(values) == {"0", "1"} and values.count("1") == col["present"] and len(values) == col["values"]

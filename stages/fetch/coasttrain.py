@@ -30,7 +30,7 @@ from stages.fetch.manifest import (
     write_archives,
     write_manifest,
 )
-from stages.net import NetSettings, known_md5
+from stages.net import UNVERIFIED, NetSettings, known_md5, verification
 from stages.net.archives import ArchiveLimits, safe_extract_zip
 from stages.net.http import HttpClient
 
@@ -77,7 +77,8 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
     rows: dict[str, ManifestRow] = {}
     archives: dict[str, ArchiveRow] = {}
 
-    with HttpClient(NetSettings.from_params(params)) as http:
+    settings = NetSettings.from_params(params)
+    with HttpClient(settings) as http:
         for record in records:
             name = f"{record}.zip"
             url = base + name
@@ -86,14 +87,17 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
             prefix = f"{record}/"
             prev_rows = [r for key, r in previous.items() if key.startswith(prefix)]
             prev_archive = previous_archives.get(name)
+            # A legacy archives.csv has no `verified`: what the same HEAD would give now.
+            level = (prev_archive.verified if prev_archive else "") or verification(expected_md5, info.size)
             if (
                 archive_unchanged(prev_archive, info.size, info.etag, expected_md5)
+                and (level != UNVERIFIED or settings.accept_unverified)
                 and prev_rows
                 and rows_present(out_dir, prev_rows)
             ):
                 for r in prev_rows:
-                    rows[r.key] = with_url(r, member_url(url, r.key[len(prefix) :]))
-                archives[name] = replace(prev_archive, url=url)
+                    rows[r.key] = with_url(r, member_url(url, r.key[len(prefix) :]), level)
+                archives[name] = replace(prev_archive, url=url, verified=level)
                 report.unchanged += 1
                 continue
             got = download_http_archive(
@@ -106,13 +110,13 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
                 etag=info.etag,
             )
             try:
-                files = safe_extract_zip(got.path, out_dir / record, limits, replace=True)
+                files = safe_extract_zip(got.path, out_dir / record, limits, replace=True, name=url)
             finally:
                 got.path.unlink(missing_ok=True)
             for f in files:
                 key = prefix + f.name
-                rows[key] = ManifestRow(key, f.size, f.md5, "", member_url(url, f.name))
-            archives[name] = ArchiveRow(name, got.size, got.md5, got.etag, url)
+                rows[key] = ManifestRow(key, f.size, f.md5, "", member_url(url, f.name), got.verified)
+            archives[name] = ArchiveRow(name, got.size, got.md5, got.etag, url, got.verified)
             report.downloaded += 1
             report.bytes_downloaded += got.transferred
             report.extracted += len(files)

@@ -41,7 +41,7 @@ from stages.fetch.manifest import (
     write_manifest,
 )
 from stages.fsutil import atomic_path, file_digest
-from stages.net import known_md5
+from stages.net import VERIFIED_MD5, known_md5
 from stages.net.s3 import S3Bucket, S3Object
 from stages.progress import bar
 
@@ -112,12 +112,45 @@ def _fetch_s3_export(
     )
 
 
-def _local_files(folder: Path) -> list[str]:
+def _local_files(folder: Path) -> tuple[list[str], list[str]]:
+    """Every file of a local export (relative posix paths) and the linked folders in it (os.walk
+    does not descend into those)."""
     rels: list[str] = []
-    for root, _dirs, files in os.walk(folder):
+    linked: list[str] = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        linked += [(here / d).relative_to(folder).as_posix() for d in dirs if (here / d).is_symlink()]
         for name in files:
-            rels.append((Path(root) / name).relative_to(folder).as_posix())
-    return sorted(rels)
+            rels.append((here / name).relative_to(folder).as_posix())
+    return sorted(rels), sorted(linked)
+
+
+def _real_file(folder: Path, rel: str, real_root: Path) -> Path:
+    """The file to read for a mirrored path.
+
+    A symbolic link is followed only when it resolves (through any chain of links) to a file
+    inside the export folder: anything else would copy a host file into data/raw, which DVC
+    pushes. Such a link, or a broken one, is an error naming it.
+    """
+    path = folder / rel
+    real = _resolve_link(path, real_root) if path.is_symlink() else path
+    if not real.is_file():
+        raise UpstreamFormatError(path, "is not a regular file")
+    return real
+
+
+def _resolve_link(link: Path, real_root: Path) -> Path:
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise UpstreamFormatError(link, f"broken symbolic link (to {os.readlink(link)!r})") from None
+    if not target.is_relative_to(real_root):
+        raise UpstreamFormatError(
+            link,
+            f"symbolic link to {target}, outside the export folder {real_root}; refused "
+            "(it would copy a host file into data/raw)",
+        )
+    return target
 
 
 def _one(found: list[str], folder: Path, what: str, key: str) -> str | None:
@@ -199,34 +232,42 @@ def _fetch_local_export(
             f"CoralNet export folder for source {source_id} not found "
             "(export it from CoralNet and unpack it there, or change endpoints.coralnet_local_root)",
         )
-    mirror, skipped = _local_layout(folder, _local_files(folder), entry)
+    rels, linked = _local_files(folder)
+    mirror, skipped = _local_layout(folder, rels, entry)
+    real_root = folder.resolve()
+    images = {rel.split("/", 1)[0] for rel in mirror.values() if rel != mirror[ANNOTATIONS] and "/" in rel}
+    for rel in linked:
+        # A linked folder is not descended into; one where images live must not lead out either.
+        if rel.split("/", 1)[0] in images or rel == "images":
+            _resolve_link(folder / rel, real_root)
+    files = {dest_rel: (rel, _real_file(folder, rel, real_root)) for dest_rel, rel in mirror.items()}
     if skipped:
         note = f"coralnet s{source_id}: not part of the export, not mirrored: {', '.join(skipped)}"
         log.warning("%s", note)
         report.notes.append(note)
     rows: dict[str, ManifestRow] = {}
-    with bar(total=len(mirror), desc=f"coralnet s{source_id}", unit="file") as pbar:
-        for dest_rel, rel in sorted(mirror.items()):
+    with bar(total=len(files), desc=f"coralnet s{source_id}", unit="file") as pbar:
+        for dest_rel, (rel, real) in sorted(files.items()):
             src = folder / rel
             key = f"s{source_id}/{dest_rel}"
             dest = out_dir / key
             url = str(src)
-            size = src.stat().st_size
-            md5 = file_digest(src, "md5")
+            size = real.stat().st_size
+            md5 = file_digest(real, "md5")
             prev = previous.get(key)
             if local_size(dest) == size:
                 local_md5 = prev.md5 if prev is not None and prev.size == size else file_digest(dest, "md5")
                 if local_md5 == md5:
-                    rows[key] = ManifestRow(key, size, md5, "", url)
+                    rows[key] = ManifestRow(key, size, md5, "", url, VERIFIED_MD5)
                     report.unchanged += 1
                     pbar.update(1)
                     continue
             with atomic_path(dest) as tmp:
-                shutil.copyfile(src, tmp)
+                shutil.copyfile(real, tmp)
             if file_digest(dest, "md5") != md5:
                 dest.unlink()
                 raise UpstreamFormatError(src, "changed while it was being copied; run the fetch again")
-            rows[key] = ManifestRow(key, size, md5, "", url)
+            rows[key] = ManifestRow(key, size, md5, "", url, VERIFIED_MD5)
             report.downloaded += 1
             report.bytes_downloaded += size
             pbar.update(1)

@@ -35,7 +35,15 @@ from stages.fetch.manifest import (
     write_archives,
     write_manifest,
 )
-from stages.net import HashingReader, NetSettings, known_md5, md5_from_etag, place_file, replace_tree
+from stages.net import (
+    HashingReader,
+    NetSettings,
+    known_md5,
+    md5_from_etag,
+    place_file,
+    replace_tree,
+    verification,
+)
 from stages.net.archives import ArchiveLimits, extract_tar_stream, safe_extract_zip
 from stages.net.s3 import S3Bucket, S3Object
 from stages.progress import bar
@@ -85,6 +93,7 @@ def _fetch_json_zip(
     obj = bucket.head(prefix + zip_name)
     url = bucket.url(obj.key)
     expected = known_md5(params, SOURCE, zip_name) or md5_from_etag(obj.etag)
+    level = verification(expected, obj.size)
     prev_archive = previous_archives.get(zip_name)
     prev_rows = [previous[m] for m in members if m in previous]
     if (
@@ -93,14 +102,16 @@ def _fetch_json_zip(
         and rows_present(out_dir, prev_rows)
     ):
         report.unchanged += 1
-        rows = {r.key: with_url(r, member_url(url, r.url.partition("#")[2] or r.key)) for r in prev_rows}
-        return rows, replace(prev_archive, url=url)
+        rows = {
+            r.key: with_url(r, member_url(url, r.url.partition("#")[2] or r.key), level) for r in prev_rows
+        }
+        return rows, replace(prev_archive, url=url, verified=level)
 
     got = bucket.download(obj, scratch_dir / zip_name, scratch_dir, name=zip_name, expected_md5=expected)
     unpacked = scratch_dir / f"{zip_name}.unpacked"
     shutil.rmtree(unpacked, ignore_errors=True)
     try:
-        files = safe_extract_zip(got.path, unpacked, limits, replace=True)
+        files = safe_extract_zip(got.path, unpacked, limits, replace=True, name=url)
         by_base: dict[str, list[str]] = {}
         for f in files:
             by_base.setdefault(f.name.rsplit("/", 1)[-1], []).append(f.name)
@@ -115,14 +126,16 @@ def _fetch_json_zip(
                 )
             info = next(f for f in files if f.name == found[0])
             place_file(unpacked / info.name, out_dir / member)
-            rows[member] = ManifestRow(member, info.size, info.md5, "", member_url(url, info.name))
+            rows[member] = ManifestRow(
+                member, info.size, info.md5, "", member_url(url, info.name), got.verified
+            )
     finally:
         shutil.rmtree(unpacked, ignore_errors=True)
         got.path.unlink(missing_ok=True)
     report.downloaded += 1
     report.bytes_downloaded += got.transferred
     report.extracted += len(members)
-    return rows, ArchiveRow(zip_name, got.size, got.md5, got.etag, url)
+    return rows, ArchiveRow(zip_name, got.size, got.md5, got.etag, url, got.verified)
 
 
 def categories_in(json_path: Path) -> set[str]:
@@ -187,8 +200,9 @@ def _stream_images(
     log.info(
         "%s: kept %d images of %s (re-opened the stream %d times)", url, len(files), wanted, stream.reopened
     )
-    rows = {f.name: ManifestRow(f.name, f.size, f.md5, "", member_url(url, f.name)) for f in files}
-    archive = ArchiveRow(IMAGES_TAR, obj.size, actual, obj.etag, url, ",".join(wanted))
+    level = verification(expected, obj.size)
+    rows = {f.name: ManifestRow(f.name, f.size, f.md5, "", member_url(url, f.name), level) for f in files}
+    archive = ArchiveRow(IMAGES_TAR, obj.size, actual, obj.etag, url, level, ",".join(wanted))
     return rows, archive, reader.count
 
 
@@ -255,9 +269,10 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
     ]
     if same_object and set(wanted) <= extracted_before and rows_present(out_dir, kept_rows):
         # Narrowing the selection needs no stream: the dropped supercategories are pruned below.
+        level = verification(expected, obj.size)
         for r in kept_rows:
-            rows[r.key] = with_url(r, member_url(url, r.key))
-        archives[IMAGES_TAR] = replace(prev_archive, url=url, selection=selection)
+            rows[r.key] = with_url(r, member_url(url, r.key), level)
+        archives[IMAGES_TAR] = replace(prev_archive, url=url, selection=selection, verified=level)
         report.unchanged += 1
     else:
         image_rows, archive, nbytes = _stream_images(

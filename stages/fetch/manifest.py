@@ -1,11 +1,15 @@
 """Bookkeeping shared by the fetchers: manifest.csv, archives.csv, the run report, mirroring.
 
-`manifest.csv` (key,size,md5,etag,url) lists every file of `data/raw/<source>/`, sorted by key.
-`archives.csv` (key,size,md5,etag,url,selection) remembers the archives a fetch extracted and then
-deleted (Coast Train zips, the iNat JSON zips and tar.gz, Seatizen's images.zip), so a re-run can
-tell that the upstream archive is unchanged without downloading it again. `selection` records
-what was kept from an archive read only in part (the iNat supercategories). Neither file lists
-itself or the other. `etag` is the upstream ETag without its surrounding quotes.
+`manifest.csv` (key,size,md5,etag,url,verified) lists every file of `data/raw/<source>/`, sorted
+by key. `archives.csv` (key,size,md5,etag,url,selection,verified) remembers the archives a fetch
+extracted and then deleted (Coast Train zips, the iNat JSON zips and tar.gz, Seatizen's
+images.zip), so a re-run can tell that the upstream archive is unchanged without downloading it
+again. `selection` records what was kept from an archive read only in part (the iNat
+supercategories). Neither file lists itself or the other. `etag` is the upstream ETag without its
+surrounding quotes. `verified` says what the bytes were checked against (`stages.net`):
+`md5` (a checksum the source gave), `size` (only the announced size) or `none` (nothing; only
+with `net.accept_unverified`); a file from an archive has its archive's value. Files written
+before the column existed are read with an empty `verified`, which the next fetch fills in.
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.csv"
 ARCHIVES_NAME = "archives.csv"
 BOOKKEEPING = frozenset({MANIFEST_NAME, ARCHIVES_NAME})
-MANIFEST_COLUMNS = ("key", "size", "md5", "etag", "url")
-ARCHIVE_COLUMNS = (*MANIFEST_COLUMNS, "selection")
+MANIFEST_COLUMNS = ("key", "size", "md5", "etag", "url", "verified")
+ARCHIVE_COLUMNS = ("key", "size", "md5", "etag", "url", "selection", "verified")
+# The shapes before `verified`: still read, so an upgrade re-downloads nothing.
+_LEGACY = {
+    MANIFEST_COLUMNS: ("key", "size", "md5", "etag", "url"),
+    ARCHIVE_COLUMNS: ("key", "size", "md5", "etag", "url", "selection"),
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class ManifestRow:
     md5: str
     etag: str
     url: str
+    verified: str  # stages.net.VERIFIED_MD5 / VERIFIED_SIZE / UNVERIFIED ('' from a legacy file)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class ArchiveRow:
     md5: str
     etag: str
     url: str
+    verified: str
     selection: str = ""
 
 
@@ -56,8 +67,11 @@ def _read_rows(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
     except FileNotFoundError:
         return []
     reader = csv.DictReader(io.StringIO(text))
-    if tuple(reader.fieldnames or ()) != columns:
-        # Our own bookkeeping in an older shape: forget it, the fetch re-downloads what it must.
+    found = tuple(reader.fieldnames or ())
+    if found == _LEGACY[columns]:
+        return [{**r, "verified": ""} for r in reader]
+    if found != columns:
+        # Our own bookkeeping in an unknown shape: forget it, the fetch re-downloads what it must.
         log.warning("%s: unexpected columns %s; ignoring it", path, reader.fieldnames)
         return []
     return list(reader)
@@ -76,7 +90,9 @@ def read_manifest(out_dir: Path) -> dict[str, ManifestRow]:
     rows: dict[str, ManifestRow] = {}
     for r in _read_rows(Path(out_dir) / MANIFEST_NAME, MANIFEST_COLUMNS):
         try:
-            rows[r["key"]] = ManifestRow(r["key"], int(r["size"]), r["md5"], r["etag"], r["url"])
+            rows[r["key"]] = ManifestRow(
+                r["key"], int(r["size"]), r["md5"], r["etag"], r["url"], r["verified"]
+            )
         except (TypeError, ValueError):
             return {}
     return rows
@@ -87,7 +103,7 @@ def write_manifest(out_dir: Path, rows: Iterable[ManifestRow]) -> None:
     _write_rows(
         Path(out_dir) / MANIFEST_NAME,
         MANIFEST_COLUMNS,
-        ((r.key, r.size, r.md5, r.etag, r.url) for r in rows),
+        ((r.key, r.size, r.md5, r.etag, r.url, r.verified) for r in rows),
     )
 
 
@@ -96,7 +112,7 @@ def read_archives(out_dir: Path) -> dict[str, ArchiveRow]:
     for r in _read_rows(Path(out_dir) / ARCHIVES_NAME, ARCHIVE_COLUMNS):
         try:
             rows[r["key"]] = ArchiveRow(
-                r["key"], int(r["size"]), r["md5"], r["etag"], r["url"], r["selection"]
+                r["key"], int(r["size"]), r["md5"], r["etag"], r["url"], r["verified"], r["selection"]
             )
         except (TypeError, ValueError):
             return {}
@@ -107,13 +123,15 @@ def write_archives(out_dir: Path, rows: Iterable[ArchiveRow]) -> None:
     _write_rows(
         Path(out_dir) / ARCHIVES_NAME,
         ARCHIVE_COLUMNS,
-        ((r.key, r.size, r.md5, r.etag, r.url, r.selection) for r in rows),
+        ((r.key, r.size, r.md5, r.etag, r.url, r.selection, r.verified) for r in rows),
     )
 
 
-def with_url(row: ManifestRow, url: str) -> ManifestRow:
-    """A reused row with the URL of this run's endpoint (outputs must not depend on history)."""
-    return row if row.url == url else replace(row, url=url)
+def with_url(row: ManifestRow, url: str, verified: str | None = None) -> ManifestRow:
+    """A reused row with the URL of this run's endpoint (outputs must not depend on history),
+    and `verified` when given (a legacy row has none; the caller knows what applies)."""
+    verified = row.verified if verified is None else verified
+    return row if (row.url, row.verified) == (url, verified) else replace(row, url=url, verified=verified)
 
 
 def local_size(path: Path) -> int | None:

@@ -32,7 +32,7 @@ from stages.fetch.manifest import (
     write_archives,
     write_manifest,
 )
-from stages.net import NetSettings, known_md5
+from stages.net import NetSettings, known_md5, verification
 from stages.net.archives import ArchiveLimits, check_zip, safe_extract_zip
 from stages.net.http import HttpClient
 
@@ -134,7 +134,7 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
                 and (not expected_md5 or prev.md5 == expected_md5)
                 and local_size(out_dir / name) == f.size
             ):
-                rows[name] = with_url(prev, f.url)
+                rows[name] = with_url(prev, f.url, verification(expected_md5, f.size))
                 report.unchanged += 1
                 continue
             got = http.download(
@@ -146,7 +146,7 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
                 expected_md5=expected_md5,
                 connections=connections,
             )
-            rows[name] = ManifestRow(name, got.size, got.md5, got.etag, f.url)
+            rows[name] = ManifestRow(name, got.size, got.md5, got.etag, f.url, got.verified)
             report.downloaded += 1
             report.bytes_downloaded += got.transferred
 
@@ -162,9 +162,10 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
                 and prev_rows
                 and rows_present(out_dir, prev_rows)
             ):
+                level = verification(expected_md5, f.size)
                 for r in prev_rows:
-                    rows[r.key] = with_url(r, member_url(f.url, r.key))
-                archives[name] = replace(prev_archive, url=f.url)
+                    rows[r.key] = with_url(r, member_url(f.url, r.key), level)
+                archives[name] = replace(prev_archive, url=f.url, verified=level)
                 report.unchanged += 1
                 continue
             got = download_http_archive(
@@ -177,16 +178,18 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
                 connections=connections,
             )
             try:
-                tops = {n.split("/", 1)[0] for _info, n in check_zip(got.path, limits) if n}
+                tops = {n.split("/", 1)[0] for _info, n in check_zip(got.path, limits, name=f.url) if n}
                 clash = sorted(tops & (set(listed) | set(rows)))
                 if clash:
                     raise UpstreamFormatError(f.url, f"archive entries {clash} would overwrite record files")
-                files = safe_extract_zip(got.path, out_dir, limits, replace=False)
+                files = safe_extract_zip(got.path, out_dir, limits, replace=False, name=f.url)
             finally:
                 got.path.unlink(missing_ok=True)
             for x in files:
-                rows[x.name] = ManifestRow(x.name, x.size, x.md5, "", member_url(f.url, x.name))
-            archives[name] = ArchiveRow(name, got.size, got.md5, got.etag, f.url)
+                rows[x.name] = ManifestRow(
+                    x.name, x.size, x.md5, "", member_url(f.url, x.name), got.verified
+                )
+            archives[name] = ArchiveRow(name, got.size, got.md5, got.etag, f.url, got.verified)
             report.downloaded += 1
             report.bytes_downloaded += got.transferred
             report.extracted += len(files)

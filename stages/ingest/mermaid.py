@@ -124,7 +124,12 @@ def read_annotations(path: Path) -> pa.Table:
     present = [c for c in COLUMNS if c in found]
     dictionary = [c for c in _DICTIONARY if c in present and pa.types.is_string(schema.field(c).type)]
     try:
-        table = pq.read_table(path, columns=present, read_dictionary=dictionary)
+        # In batches: the decoded table plus one batch, not every decoded page at once.
+        reader = pq.ParquetFile(path, read_dictionary=dictionary)
+        batches = list(reader.iter_batches(batch_size=65536, columns=present, use_threads=False))
+        table = pa.Table.from_batches(
+            batches, schema=pa.schema([reader.schema_arrow.field(c) for c in present])
+        )
     except Exception as exc:
         raise UpstreamFormatError(path, f"not a readable parquet file ({exc})") from exc
     if table.num_rows == 0:
@@ -218,32 +223,40 @@ def records(ctx: IngestContext, report: Report) -> Iterator[Record]:
     row_ix = _int_column(table.column("row"))
     col_ix = _int_column(table.column("col"))
     order = _order(table, row_ix, col_ix)
-    image_col = table.column("image_id").cast(pa.string())
-    image_sorted = image_col.take(pa.array(order)).to_pylist()  # one str per point, only here
-
-    # Runs of one image in the sorted order; null/empty image ids sort first and are bad records.
+    # Runs of one image in the sorted order, found on dictionary codes (no Python str per point);
+    # null/empty image ids sort first and are bad records.
+    sorted_ids = pc.fill_null(table.column("image_id").cast(pa.string()).take(pa.array(order)), "")
+    encoded = pc.dictionary_encode(sorted_ids).combine_chunks()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    names = encoded.dictionary.to_pylist()  # one per distinct image id
+    del sorted_ids, encoded
+    bounds = np.flatnonzero(np.diff(codes)) + 1 if n_rows else np.array([], dtype=np.int64)
+    starts = np.concatenate([[0], bounds]) if n_rows else bounds
+    ends = np.concatenate([bounds, [n_rows]]) if n_rows else bounds
     runs: dict[str, tuple[int, int]] = {}
     bad_image_rows: list[int] = []
-    start = 0
-    while start < n_rows:
-        image_id = image_sorted[start]
-        end = start + 1
-        while end < n_rows and image_sorted[end] == image_id:
-            end += 1
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        image_id = names[codes[start]]
         if _text(image_id) is None:
             bad_image_rows.extend(range(start, end))
         else:
             runs[str(image_id)] = (start, end)
-        start = end
-    del image_sorted
+    del codes, names
 
-    point_counts = pc.value_counts(pc.drop_null(table.column("point_id").cast(pa.string())))
-    repeated = {
-        v["values"] for v in point_counts.to_pylist() if v["counts"] > 1
-    }  # the few point ids given twice; the first in order keeps its id
+    # The few point ids given twice; the first in order keeps its id.
+    counts = pc.value_counts(pc.drop_null(table.column("point_id").cast(pa.string())))
+    repeated = set(counts.filter(pc.greater(counts.field("counts"), 1)).field("values").to_pylist())
+    del counts
     seen_repeated: dict[str, str] = {}
 
-    growth_null_rows = sum(1 for v in table.column("growth_form_id").to_pylist() if _growth(v) is None)
+    growth = pc.utf8_trim_whitespace(table.column("growth_form_id").cast(pa.string()))
+    growth_null_rows = int(
+        pc.sum(
+            pc.or_kleene(pc.is_null(growth), pc.is_in(growth, pa.array(_NULL_GROWTH))).cast(pa.int64())
+        ).as_py()
+        or 0
+    )
+    del growth
     columns = [c for c in COLUMNS if c not in ("row", "col")]
     crosswalk = Counter()
     regions: Counter[str] = Counter()

@@ -93,9 +93,23 @@ class Sample:
     points_file: str = ""  # where the point records came from (their quarantine rows' `file`)
     native_points_key: str | None = None  # native_labels[key] := the kept points' `native`, sorted
     on_unusable: list[Quarantine] = field(default_factory=list)  # also quarantined if the image is
-    # Called in the main process with the work's result: returns more columns, or a Quarantine for
-    # the image (its points then go as image_unusable). Needed where labels come from the pixels.
-    build: Callable[[WorkResult], dict[str, Any] | Quarantine] | None = None
+    # Kinds of other input records that end in this sample when it is kept (Seatizen: its CSV row),
+    # one record each: the runner counts them as kept, as it counts the image itself.
+    consumes: tuple[str, ...] = ()
+    # Called in the main process with the work's result: returns more columns (or a Built), or a
+    # Quarantine for the image (its points then go as image_unusable). Needed where labels come
+    # from the pixels.
+    build: Callable[[WorkResult], dict[str, Any] | Built | Quarantine] | None = None
+
+
+@dataclass(frozen=True)
+class Built:
+    """What `Sample.build` gives for a kept image when records beside it depend on the result
+    (Seatizen: the image's mask is attached, or refused while the image stays)."""
+
+    columns: dict[str, Any]
+    consumed: tuple[str, ...] = ()  # kinds of further input records that end in this sample
+    quarantine: tuple[Quarantine, ...] = ()  # further input records refused though the image is kept
 
 
 Record = Sample | Quarantine
@@ -110,3 +124,9 @@ class Report:
     # annotation rows): each one is either read (counted here) or quarantined whole.
     read: Counter[str] = field(default_factory=Counter)
     extra: dict[str, Any] = field(default_factory=dict)  # source-specific metrics
+    # Files under out_dir besides the tables (e.g. a class list), by name relative to it: written
+    # by the runner once the records are done, and kept by its cleanup of stale files.
+    files: dict[str, bytes] = field(default_factory=dict)
+    # Called once every sample is finished (its work judged, its row written or quarantined) and
+    # before the metrics are assembled: for metrics of what was kept (counted in `Sample.build`).
+    on_finish: list[Callable[[], None]] = field(default_factory=list)

@@ -7,7 +7,9 @@ all sources:
   the work cache (stages/cache.py) by the digest of the bytes it reads, so a rebuild after growth
   decodes only new and changed images (counted in the cache stats file, not in metrics);
 - the image's own verdict: an unusable image (its work's problem, or `Sample.build`'s) is one
-  quarantine row, its points go as `image_unusable`, its `on_unusable` rows with it;
+  quarantine row, its points go as `image_unusable`, its `on_unusable` rows with it; a kept one
+  also keeps the records it `consumes` (a CSV row), and a `Built` from `Sample.build` can keep or
+  refuse records that hang on the result (a mask that fits the image or does not);
 - points against the image: outside `0 <= row < H, 0 <= col < W` -> `point_outside_image`; more
   than `ingest.max_outside_share` of them outside -> the image and all its points as
   `geometry_mismatch` (the points were made for another image, and the ones inside would be cut at
@@ -22,7 +24,9 @@ all sources:
   or containers read: `report.read`) + quarantine rows of that kind, or the stage fails (a bug,
   not bad input);
 - metrics: counts, quarantine by reason, classes counted from the written points table with a
-  pyarrow group-by, plus the adapter's `report.extra`.
+  pyarrow group-by, plus the adapter's `report.extra` (completed by its `report.on_finish` hooks,
+  which run once every sample is finished); the adapter's `report.files` are written beside the
+  tables.
 
 Memory: one window of samples (and their points) at a time, the tables' current row group, and
 per point one 8-byte id hash (the uniqueness check). No table is ever held as Python objects.
@@ -51,15 +55,16 @@ from stages.fsutil import ParquetStream, write_bytes
 from stages.ingest.common import dumps_labels, point_cover_labels
 from stages.ingest.context import IngestContext
 from stages.ingest.probe import Cached
-from stages.ingest.records import Point, Quarantine, Record, Report, Sample, WorkResult
+from stages.ingest.records import Built, Point, Quarantine, Record, Report, Sample, WorkResult
 from stages.progress import bar
 
 TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet")
 WINDOW = 256  # samples per round of work: bounds memory, keeps every worker busy
 DEFAULT_MAX_OUTSIDE_SHARE = 0.05
-# A sample row carries its points' native labels (a CoralNet image: ~200 points, ~50 KB of JSON),
-# and a row group is held in memory until it is written: 512 samples keep that near 25 MB.
-ROWS_PER_GROUP = {"samples": 512, "points": 65536, "quarantine": 65536}
+# Rows per parquet row group: a group is held in memory until written, and a sample row carries
+# kilobytes of label JSON (a MERMAID image's native points), a point row a few hundred bytes.
+ROWS_PER_GROUP = {"samples": 1024, "points": 65536, "quarantine": 65536}
+BATCH_ROWS = {"samples": 128, "points": 4096, "quarantine": 4096}
 
 
 def _call(item: tuple[Any, Any, Cached]) -> tuple[WorkResult, str, int]:
@@ -90,9 +95,14 @@ class _Writers:
     def open(cls, out_dir: Path) -> _Writers:
         return cls(
             out_dir,
-            ParquetStream(out_dir / "samples.parquet", schema.SAMPLES, ROWS_PER_GROUP["samples"]),
-            ParquetStream(out_dir / "points.parquet", schema.POINTS, ROWS_PER_GROUP["points"]),
-            ParquetStream(out_dir / "quarantine.parquet", schema.QUARANTINE, ROWS_PER_GROUP["quarantine"]),
+            *(
+                ParquetStream(out_dir / f"{name}.parquet", table, ROWS_PER_GROUP[name], BATCH_ROWS[name])
+                for name, table in (
+                    ("samples", schema.SAMPLES),
+                    ("points", schema.POINTS),
+                    ("quarantine", schema.QUARANTINE),
+                )
+            ),
         )
 
     def close(self) -> None:
@@ -178,12 +188,14 @@ class _Run:
             self._unusable(sample, *result.problem)
             return
         extra: dict[str, Any] = {}
+        also = Built({})
         if sample.build is not None:
             built = sample.build(result)
             if isinstance(built, Quarantine):
                 self._unusable(sample, built.reason, built.detail)
                 return
-            extra = built
+            also = built if isinstance(built, Built) else Built(built)
+            extra = also.columns
         columns = {**sample.columns, **result.columns, **extra}
         kept: list[Point] | None = None
         if sample.points is not None:
@@ -216,6 +228,10 @@ class _Run:
             self._write_file(name, data)
         self.writers.samples.add(row)
         self.produced[sample.record_kind] += 1
+        for kind in (*sample.consumes, *also.consumed):
+            self.produced[kind] += 1
+        for q in also.quarantine:
+            self.reject(q)
         self.samples += 1
         for p in kept or ():
             self.writers.points.add(
@@ -419,6 +435,10 @@ def run(ctx: IngestContext, adapter: ModuleType) -> dict[str, Any]:
     except BaseException as exc:
         writers.abort(exc)
         raise
+    for name, data in sorted(report.files.items()):
+        state._write_file(name, data)
+    for hook in report.on_finish:
+        hook()
     _check_point_ids(state)
     stale = _clean_stale(out_dir, state.written_files)
 

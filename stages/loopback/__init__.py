@@ -21,9 +21,10 @@ from stages.errors import TidepoolError
 from stages.fsutil import write_text
 from stages.loopback.faults import Fault, FaultPlan
 from stages.loopback.http import LoopbackHTTPServer, ServerThread
-from stages.loopback.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Service, SeedResult
+from stages.loopback.persist import BucketStore, DumpResult
+from stages.loopback.s3 import ACCESS_KEY, DVC_BUCKET, REGION, SECRET_KEY, S3Service, SeedResult
 
-__all__ = ["Fault", "FaultPlan", "Loopback", "SeedResult"]
+__all__ = ["DumpResult", "Fault", "FaultPlan", "Loopback", "SeedResult"]
 
 HOST = "127.0.0.1"
 DVC_REMOTE = "storage"
@@ -38,12 +39,16 @@ def dvc_command() -> list[str]:
 class Loopback:
     """Both loopback servers; use as a context manager or call start()/stop()."""
 
-    def __init__(self, upstream: str | Path, seed_workers: int = 16) -> None:
+    def __init__(self, upstream: str | Path, seed_workers: int = 16, store: str | Path | None = None) -> None:
+        """`store`: a folder that keeps the DVC remote bucket across restarts (stages.loopback.persist):
+        loaded at start, written back at stop and by `save()`. None keeps it in memory only."""
         self.upstream = Path(upstream).resolve()
         self.seed_workers = seed_workers
         self.faults = FaultPlan()
         self._s3 = S3Service(self.faults, HOST)
         self._http: ServerThread | None = None
+        self.store = BucketStore(store, DVC_BUCKET) if store is not None else None
+        self.restored = 0  # objects the last start() loaded from the store
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -56,17 +61,35 @@ class Loopback:
             self._http = ServerThread(server, "loopback-http")
             self._http.start()
             self.reseed()
+            if self.store is not None:
+                backend = self._s3._backend(DVC_BUCKET)
+                self.restored = self.store.restore(
+                    lambda key, data: backend.put_object(DVC_BUCKET, key, data)
+                )
         except BaseException:
-            self.stop()
+            self.stop(save=False)  # a half-restored bucket must not overwrite the store
             raise
         return self
 
-    def stop(self) -> None:
-        """Shut both servers down, close their connections and join every thread."""
-        if self._http is not None:
-            self._http.stop()
-            self._http = None
-        self._s3.stop()
+    def save(self) -> DumpResult | None:
+        """Write the DVC remote bucket to the store now (only what changed); None without a store."""
+        if self.store is None or self._http is None:
+            return None
+        from stages.loopback.persist import moto_objects
+
+        return self.store.dump(moto_objects(self._s3._backend(DVC_BUCKET), DVC_BUCKET))
+
+    def stop(self, save: bool = True) -> None:
+        """Shut both servers down, close their connections and join every thread. With a store,
+        the DVC remote bucket is saved first."""
+        try:
+            if save:
+                self.save()
+        finally:
+            if self._http is not None:
+                self._http.stop()
+                self._http = None
+            self._s3.stop()
 
     def __enter__(self) -> Loopback:
         return self.start()
@@ -145,6 +168,16 @@ class Loopback:
             "NO_PROXY": no_proxy,
             "no_proxy": no_proxy,
         }
+
+    def remote_env(self) -> dict[str, str]:
+        """Environment that points DVC's S3 remotes at the loopback without writing any config.
+
+        botocore reads `AWS_ENDPOINT_URL_S3` when a client is given no endpoint, and dvc-s3 passes
+        none unless `endpointurl` is configured: so `dvc push/pull/import/get` reach the loopback
+        while this variable is set, and nothing on disk names a port that dies with the server.
+        An `endpointurl` in a project's config still wins over it.
+        """
+        return {"AWS_ENDPOINT_URL_S3": self.s3_endpoint}
 
     def configure_dvc_remote(self, repo: str | Path) -> None:
         """Point the repo's DVC remote at the loopback S3, in `.dvc/config.local` only.

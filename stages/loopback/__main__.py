@@ -1,11 +1,16 @@
 """Run the loopback servers from the command line.
 
-    python -m stages.loopback serve --upstream build/upstream [--overlay build/endpoints.yaml]
-    python -m stages.loopback exec --upstream build/upstream [--overlay PATH] -- cmd args...
+    python -m stages.loopback serve --upstream build/upstream [--overlay build/endpoints.yaml] [--store DIR]
+    python -m stages.loopback exec --upstream build/upstream [--overlay PATH] [--store DIR] -- cmd args...
 
 `serve` prints the endpoints and blocks until Ctrl-C / SIGTERM. `exec` runs one command against
 the servers (with the overlay and the test credentials in its environment) and exits with the
 command's status; the servers stop whatever way the command ends.
+
+`--store DIR` keeps the DVC remote bucket (`tidepool-dvc`) in DIR across runs: loaded at start,
+saved at stop (`make demo` and `make walkthrough` use `build/loopback-s3`). `serve` prints the
+`export` lines that point DVC at it by environment (`AWS_ENDPOINT_URL_S3`), so no config file
+keeps a port that dies with the server.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ DEFAULT_OVERLAY = Path("build/endpoints.yaml")
 # After an interrupt the command gets this long to exit on its own before it is terminated,
 # and as long again before it is killed.
 GRACE_SECONDS = 5.0
+STORE_HELP = "keep the DVC remote bucket in this folder across runs (e.g. build/loopback-s3)"
 
 
 @contextmanager
@@ -55,16 +61,22 @@ def _check_upstream(upstream: Path) -> None:
 def serve(args: argparse.Namespace) -> int:
     _check_upstream(args.upstream)
     stop = threading.Event()
-    with Loopback(args.upstream) as lb:
+    with Loopback(args.upstream, store=args.store) as lb:
         print(f"s3:   {lb.s3_endpoint}")
         print(f"http: {lb.http_base}")
+        if lb.store is not None:
+            print(f"store: {lb.store.folder} ({lb.restored} object(s) restored; saved again on Ctrl-C)")
         if args.overlay:
             overlay = lb.write_overlay(args.overlay)
             print(f"overlay: {overlay}")
-            for name, value in sorted(lb.env(overlay).items()):
+            print("# in another shell, for dvc pull/push/import/get and the stages:")
+            for name, value in sorted({**lb.env(overlay), **lb.remote_env()}.items()):
                 print(f"export {name}={value}")
         else:
             print(yaml.safe_dump(lb.overlay(), sort_keys=True), end="")
+            print("# for dvc pull/push/import/get in another shell:")
+            for name, value in sorted(lb.remote_env().items()):
+                print(f"export {name}={value}")
         print("serving; Ctrl-C to stop", flush=True)
         with _signals(lambda signum, frame: stop.set()):
             while not stop.wait(0.5):
@@ -113,7 +125,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise TidepoolError("exec: no command given (usage: exec --upstream DIR -- cmd args...)")
     repo = Path.cwd()
     configure_dvc = not args.no_dvc_remote and (repo / ".dvc").is_dir()
-    with Loopback(args.upstream) as lb:
+    with Loopback(args.upstream, store=args.store) as lb:
         overlay = lb.write_overlay(args.overlay)
         env = {**os.environ, **lb.env(overlay)}
         local_config = repo / ".dvc" / "config.local"
@@ -156,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     p_serve = sub.add_parser("serve", help="run the servers until Ctrl-C")
     p_serve.add_argument("--upstream", type=Path, default=Path("build/upstream"))
     p_serve.add_argument("--overlay", type=Path, default=None, help="also write the endpoints overlay here")
+    p_serve.add_argument("--store", type=Path, default=None, help=STORE_HELP)
     p_exec = sub.add_parser("exec", help="run one command against the servers")
     p_exec.add_argument("--upstream", type=Path, default=Path("build/upstream"))
     p_exec.add_argument("--overlay", type=Path, default=DEFAULT_OVERLAY)
+    p_exec.add_argument("--store", type=Path, default=None, help=STORE_HELP)
     p_exec.add_argument("--no-dvc-remote", action="store_true",
                         help="do not point the cwd repo's DVC remote at the loopback S3")
     p_exec.add_argument("command", nargs=argparse.REMAINDER, help="-- cmd args...")

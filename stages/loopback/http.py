@@ -2,8 +2,8 @@
 
 It stands in for three real services at once (the MERMAID API, the USGS Coast Train file folder
 and Zenodo), so it implements just the parts of HTTP the fetchers rely on upstream: HEAD,
-single byte ranges (resume and parallel ranged download), Content-Length, a strong ETag, and
-Django REST Framework LimitOffset pagination for the MERMAID endpoints.
+single byte ranges (resume and parallel ranged download), Content-Length, a strong ETag,
+If-Match / If-Range, and Django REST Framework LimitOffset pagination for the MERMAID endpoints.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import re
 import socket
 import socketserver
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from stages.fsutil import file_digest
-from stages.loopback.faults import Fault, FaultPlan
+from stages.loopback.faults import Fault, FaultPlan, Request
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,29 @@ class ServerThread:
             close()
 
 
+def if_match_fails(header: str | None, etag: str) -> bool:
+    """RFC 9110 If-Match: true when the header is there and names neither `*` nor `etag` (strong)."""
+    if header is None:
+        return False
+    tags = [t.strip() for t in header.split(",")]
+    return "*" not in tags and etag not in [t for t in tags if not t.startswith("W/")]
+
+
+def trickled(pieces: Iterator[bytes], fault: Fault) -> Iterator[bytes]:
+    """The body `pieces` as a trickle fault sends it: `after_bytes` at once, then drop by drop."""
+    fast = fault.after_bytes
+    for piece in pieces:
+        while piece:
+            if fast > 0:
+                head, piece = piece[:fast], piece[fast:]
+                fast -= len(head)
+                yield head
+                continue
+            time.sleep(fault.interval_seconds)
+            head, piece = piece[: fault.trickle_bytes], piece[fault.trickle_bytes :]
+            yield head
+
+
 def close_abruptly(sock: socket.socket) -> None:
     """End a connection mid-body: the peer sees EOF before Content-Length bytes arrived."""
     try:
@@ -154,6 +179,13 @@ class Resource:
     content_type: str
     data: bytes | None = None
     path: Path | None = None
+
+
+def grown(res: Resource, extra: int) -> Resource:
+    """`res` as if `extra` bytes had been appended to it since it was listed (its ETag changes)."""
+    body = res.data if res.data is not None else (res.path.read_bytes() if res.path is not None else b"")
+    data = body + b"\x00" * extra
+    return replace(res, size=len(data), etag=_bytes_etag(data), data=data, path=None)
 
 
 class HTTPProblem(Exception):
@@ -346,7 +378,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _respond(self, head: bool) -> None:
-        fault = self.server.faults.take("http", self.path)
+        method = "HEAD" if head else "GET"
+        self.server.faults.log(
+            Request(
+                "http",
+                method,
+                self.path,
+                f"{self.client_address[0]}:{self.client_address[1]}",
+                self.headers.get("Range"),
+                self.headers.get("If-Match"),
+            )
+        )
+        fault = self.server.faults.take("http", self.path, method)
         if fault is not None and fault.kind == "status":
             self._send_problem(fault.status, f"injected fault: status {fault.status}", head, None)
             return
@@ -364,12 +407,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_problem(500, f"cannot read {split.path}: {exc.strerror or exc}", head, fault)
             return
 
+        if fault is not None and fault.kind == "grow":
+            res = grown(res, fault.grow_bytes)
+        conditions = not (fault is not None and fault.ignores_conditions)
+        if conditions and if_match_fails(self.headers.get("If-Match"), res.etag):
+            self._send_problem(412, "Precondition Failed: If-Match does not match the ETag", head, None)
+            return
         headers = {
             "Content-Type": res.content_type,
             "ETag": res.etag,
             "Accept-Ranges": "bytes",
         }
-        if_range = self.headers.get("If-Range")
+        if_range = self.headers.get("If-Range") if conditions else None
         range_header = self.headers.get("Range") if if_range in (None, res.etag) else None
         try:
             byte_range = parse_range(range_header, res.size)
@@ -399,14 +448,22 @@ class _Handler(BaseHTTPRequestHandler):
         fault: Fault | None,
         res: Resource | None,
     ) -> None:
+        kind = fault.kind if fault is not None else None
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(length))
+        if kind == "no_length":
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Content-Length", str(length))
         self.end_headers()
-        drop = fault is not None and fault.kind == "drop"
-        send = min(length, fault.after_bytes) if drop and fault is not None else length
-        if not head and send:
+        cut = kind == "drop" or (kind == "no_length" and fault is not None and fault.after_bytes > 0)
+        send = min(length, fault.after_bytes) if cut and fault is not None else length
+        if kind == "trickle" and fault is not None and not head and send:
+            for piece in trickled(self._pieces(data, res, start, send), fault):
+                self.wfile.write(piece)
+                self.wfile.flush()
+        elif not head and send:
             if data is not None:
                 self.wfile.write(data[start:start + send])
             elif res is not None and res.path is not None:
@@ -414,7 +471,20 @@ class _Handler(BaseHTTPRequestHandler):
                     # sendfile streams from the page cache: archives of hundreds of MB never
                     # pass through Python memory.
                     self.connection.sendfile(fh, offset=start, count=send)
-        if drop:
+        if cut or kind == "no_length":
             self.wfile.flush()
             close_abruptly(self.connection)
             self.close_connection = True
+
+    @staticmethod
+    def _pieces(data: bytes | None, res: Resource | None, start: int, length: int) -> Iterator[bytes]:
+        if data is not None:
+            yield data[start : start + length]
+            return
+        if res is None or res.path is None:
+            return
+        with open(res.path, "rb") as fh:
+            fh.seek(start)
+            while length > 0 and (piece := fh.read(min(SEND_CHUNK, length))):
+                length -= len(piece)
+                yield piece

@@ -22,8 +22,8 @@ from xml.sax.saxutils import escape
 
 from stages.errors import TidepoolError
 from stages.fsutil import file_digest
-from stages.loopback.faults import FaultPlan
-from stages.loopback.http import ServerThread, TrackedThreadsMixin, close_abruptly
+from stages.loopback.faults import Fault, FaultPlan, Request
+from stages.loopback.http import ServerThread, TrackedThreadsMixin, close_abruptly, trickled
 from stages.progress import bar
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ class S3Middleware:
       listings of such a bucket without `x-amz-request-payer: requester` (403 AccessDenied).
     - Anonymous access: moto lets unsigned clients list any bucket; AWS refuses them unless a
       policy allows it, so unsigned requests reach only the `public` buckets.
-    - Faults from the shared FaultPlan.
+    - Faults from the shared FaultPlan, and a log of every request in it.
+    (moto itself honours If-Match on GET and HEAD with a 412, as AWS does.)
     """
 
     def __init__(self, app: Callable[..., Any], faults: FaultPlan, public: Iterable[str] = ()) -> None:
@@ -182,9 +183,16 @@ class S3Middleware:
         method = environ.get("REQUEST_METHOD", "GET")
         head = method == "HEAD"
         query = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
-        fault = self.faults.take("s3", path)
+        peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
+        self.faults.log(
+            Request("s3", method, path, peer, environ.get("HTTP_RANGE"), environ.get("HTTP_IF_MATCH"))
+        )
+        fault = self.faults.take("s3", path, method)
         if fault is not None and fault.kind == "status":
             return error_response(start_response, fault.status, path, head)
+        if fault is not None and fault.ignores_conditions:
+            for name in ("HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH", "HTTP_IF_RANGE", "HTTP_IF_UNMODIFIED_SINCE"):
+                environ.pop(name, None)
         result: Iterable[bytes]
         if bucket and bucket not in self.public and not self._signed(environ, query):
             result = error_response(start_response, 403, path, head)
@@ -196,7 +204,20 @@ class S3Middleware:
             result = self.app(environ, start_response)
         if fault is not None and fault.kind == "drop":
             return self._truncated(result, fault.after_bytes, environ.get(SOCKET_KEY))
+        if fault is not None and fault.kind == "trickle" and not head:
+            return self._trickled(result, fault)
         return result
+
+    @staticmethod
+    def _trickled(result: Iterable[bytes], fault: Fault) -> Iterator[bytes]:
+        """The body as a trickle fault sends it (status and headers first, as for a drop)."""
+        try:
+            yield b""
+            yield from trickled(iter(result), fault)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
 
     @staticmethod
     def _truncated(result: Iterable[bytes], limit: int, sock: Any) -> Iterator[bytes]:

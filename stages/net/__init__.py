@@ -1,8 +1,9 @@
 """Transfer layer shared by HTTP (`stages.net.http`) and S3 (`stages.net.s3`).
 
-What lives here is what both transports need to agree on: the retry policy, the resumable
-`.part` files in the scratch folder (with a small JSON state beside them), verification of
-size and md5, and the final rename into place. Nothing in a scratch folder is ever an output:
+What lives here is what both transports need to agree on: the retry policy (`policy`,
+re-exported here), what a file was verified against, the resumable `.part` files in the
+scratch folder (with a small JSON state beside them), verification of size and md5, and the
+final rename into place. Nothing in a scratch folder is ever an output:
 a file reaches its destination only complete and verified.
 """
 
@@ -16,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,66 +24,69 @@ from typing import IO, Any
 
 from stages.errors import ChecksumMismatch, FetchError
 from stages.fsutil import atomic_path, file_digest
+from stages.net.policy import (
+    Deadline,
+    NetSettings,
+    RetryBudget,
+    RetryCount,
+    Stalled,
+    ThroughputFloor,
+    Transient,
+    read_some,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_SECONDS = 60.0
+__all__ = [
+    "UNVERIFIED",
+    "VERIFIED_MD5",
+    "VERIFIED_SIZE",
+    "Deadline",
+    "Downloaded",
+    "HashingReader",
+    "NetSettings",
+    "PartFile",
+    "RemoteChanged",
+    "RemoteNotFound",
+    "RetryBudget",
+    "RetryCount",
+    "Stalled",
+    "ThroughputFloor",
+    "Transient",
+    "clean_etag",
+    "known_md5",
+    "md5_from_etag",
+    "place_file",
+    "read_some",
+    "replace_tree",
+    "verification",
+    "verify_part",
+]
+
 _MD5_RE = re.compile(r"[0-9a-f]{32}")
 
-
-@dataclass(frozen=True)
-class NetSettings:
-    """The `net:` section of params.yaml."""
-
-    retries: int = 5
-    backoff_seconds: float = 0.5
-    timeout_seconds: float = 60.0
-    chunk_bytes: int = 8 << 20
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> NetSettings:
-        net = params.get("net") or {}
-        return cls(
-            retries=int(net.get("retries", cls.retries)),
-            backoff_seconds=float(net.get("backoff_seconds", cls.backoff_seconds)),
-            timeout_seconds=float(net.get("timeout_seconds", cls.timeout_seconds)),
-            chunk_bytes=max(1, int(net.get("chunk_bytes", cls.chunk_bytes))),
-        )
+# What a file's bytes were checked against, as manifest.csv's `verified` column says it.
+VERIFIED_MD5 = "md5"  # a checksum the source gave: a published md5, a plain-md5 ETag, the local file
+VERIFIED_SIZE = "size"  # only the size upstream announced
+UNVERIFIED = "none"  # nothing: accepted only with net.accept_unverified
 
 
-class Transient(Exception):
-    """A failure worth retrying (5xx, 429, a dropped or timed-out connection). Internal to net/."""
+def verification(md5: str | None, size: int | None) -> str:
+    """The `verified` value of a file checked against `md5` and/or `size` (None = not known)."""
+    if md5:
+        return VERIFIED_MD5
+    return VERIFIED_SIZE if size is not None else UNVERIFIED
 
 
 class RemoteNotFound(FetchError):
     """The URL or object does not exist upstream (HTTP 404, S3 NoSuchKey)."""
 
 
-class RetryBudget:
-    """Counts consecutive transient failures of one transfer and sleeps the backoff between them.
+class RemoteChanged(FetchError):
+    """The file changed upstream since it was listed (ETag or size no longer match)."""
 
-    The count resets whenever bytes arrive, so a long download over a flaky link keeps going as
-    long as it makes progress, while a server that keeps failing gives up after `retries`.
-    """
-
-    def __init__(self, url: str, settings: NetSettings, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.url = url
-        self.settings = settings
-        self.failures = 0
-        self._sleep = sleep
-
-    def failed(self, cause: str) -> None:
-        """Record a transient failure: sleep and return, or raise FetchError when retries are spent."""
-        if self.failures >= self.settings.retries:
-            raise FetchError(self.url, f"{cause} (gave up after {self.settings.retries} retries)")
-        delay = min(self.settings.backoff_seconds * (2**self.failures), MAX_BACKOFF_SECONDS)
-        self.failures += 1
-        log.info("%s: %s; retry %d/%d in %.2fs", self.url, cause, self.failures, self.settings.retries, delay)
-        if delay > 0:
-            self._sleep(delay)
-
-    def progressed(self) -> None:
-        self.failures = 0
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(url, f"{detail}: it changed upstream since it was listed; run the fetch again")
 
 
 def md5_from_etag(etag: str | None) -> str | None:
@@ -111,6 +114,7 @@ class Downloaded:
     md5: str
     etag: str
     transferred: int  # bytes that crossed the network in this run (less than size after a resume)
+    verified: str  # VERIFIED_MD5, VERIFIED_SIZE or UNVERIFIED
 
 
 class PartFile:

@@ -24,14 +24,22 @@ import urllib3.exceptions
 
 from stages.errors import FetchError, UpstreamFormatError
 from stages.net import (
+    UNVERIFIED,
+    Deadline,
     Downloaded,
     NetSettings,
     PartFile,
+    RemoteChanged,
     RemoteNotFound,
     RetryBudget,
+    RetryCount,
+    Stalled,
+    ThroughputFloor,
     Transient,
     clean_etag,
     place_file,
+    read_some,
+    verification,
     verify_part,
 )
 from stages.progress import bar
@@ -39,6 +47,8 @@ from stages.progress import bar
 log = logging.getLogger(__name__)
 
 USER_AGENT = "tidepool-fetch/1"
+# Sizes, ranges and checksums refer to the file's own bytes: ask for them unencoded.
+DOWNLOAD_HEADERS = {"Accept-Encoding": "identity"}
 
 # Failures of the connection rather than of the request: worth a retry that resumes.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -122,14 +132,24 @@ class HttpClient:
         return (self.settings.timeout_seconds, self.settings.timeout_seconds)
 
     def get_json(self, url: str) -> Any:
-        """GET a JSON document, retrying transient failures."""
-        budget = RetryBudget(url, self.settings)
+        """GET a JSON document, retrying transient failures (with the throughput floor and deadline)."""
+        budget = RetryBudget(url, self.settings, deadline=Deadline(url, self.settings))
+        floor = ThroughputFloor(self.settings)
         while True:
             try:
-                with self.session.get(url, timeout=self._timeout) as resp:
+                with self.session.get(url, stream=True, timeout=self._timeout) as resp:
                     check_status(url, resp)
-                    body = resp.content
+                    floor.restart()
+                    parts: list[bytes] = []
+                    while chunk := read_some(resp.raw, self.settings.chunk_bytes, decode=True):
+                        parts.append(chunk)
+                        floor.add(len(chunk))
+                        floor.check()
+                        budget.check_deadline()
+                    body = b"".join(parts)
                 break
+            except Stalled as exc:
+                budget.failed(str(exc), stalled=True)
             except Transient as exc:
                 budget.failed(str(exc))
             except TRANSIENT_ERRORS as exc:
@@ -144,7 +164,9 @@ class HttpClient:
         budget = RetryBudget(url, self.settings)
         while True:
             try:
-                with self.session.head(url, allow_redirects=True, timeout=self._timeout) as resp:
+                with self.session.head(
+                    url, headers=DOWNLOAD_HEADERS, allow_redirects=True, timeout=self._timeout
+                ) as resp:
                     if resp.status_code in (403, 405, 501):
                         # Some servers refuse HEAD (presigned storage URLs answer 403): plan the
                         # download without knowing the size; a real refusal shows on the GET.
@@ -178,12 +200,16 @@ class HttpClient:
         """Download `url` to `dest` through `<scratch>/<name>.part`, verified, resuming what is there.
 
         `expected_size`/`expected_md5` are what upstream published; a mismatch raises
-        ChecksumMismatch and deletes the bytes. `dest` appears only once verified.
+        ChecksumMismatch and deletes the bytes. Every GET carries If-Match on the ETag the HEAD
+        gave, so a file that changes mid-transfer is RemoteChanged, never two versions spliced.
+        A file whose size and md5 are both unknown is refused unless `net.accept_unverified`.
+        `dest` appears only once verified.
         """
         dest = Path(dest)
         name = name or dest.name
         part = PartFile(Path(scratch), name)
         part.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = Deadline(url, self.settings)
         info = self.head(url)
         if expected_size is not None and info.size is not None and info.size != expected_size:
             # Downloading would only end in a size mismatch: say so before spending the bandwidth.
@@ -194,26 +220,60 @@ class HttpClient:
             part.discard()
             state = None
         nseg = self._segment_count(size, connections, info.accepts_ranges)
-        transferred = 0
-        with bar(total=size, desc=desc or name, unit="B") as pbar:
-            if nseg > 1:
-                try:
-                    transferred = self._fetch_parallel(url, part, size, info.etag, nseg, state, pbar)
-                except _RangeIgnored:
-                    log.info("%s: server ignores Range; downloading over one connection", url)
-                    part.discard()
-                    state = None
-                    nseg = 1
-            if nseg == 1:
-                if state is not None and state.get("mode") != "single":
-                    part.discard()
-                part.save_state({"mode": "single", "size": size, "etag": info.etag})
-                transferred = self._fetch_single(url, part, size, pbar)
-        md5 = verify_part(part, url, expected_size if expected_size is not None else size, expected_md5)
+        spent = RetryCount()
+        fetched = _Fetched(0, size, info.etag)
+        try:
+            with bar(total=size, desc=desc or name, unit="B") as pbar:
+                if nseg > 1 and size is not None:
+                    try:
+                        moved = self._fetch_parallel(
+                            url, part, size, info.etag, nseg, state, pbar, spent, deadline
+                        )
+                        fetched = _Fetched(moved, size, info.etag)
+                    except _RangeIgnored:
+                        log.info("%s: server ignores Range; downloading over one connection", url)
+                        part.discard()
+                        state = None
+                        nseg = 1
+                if nseg <= 1:
+                    if state is not None and state.get("mode") != "single":
+                        part.discard()
+                        state = None
+                    # Without an ETag from HEAD, the one the first GET gave (saved with the part)
+                    # pins the resume of those bytes in a later run too.
+                    learnt = ""
+                    if state is not None and not info.etag and part.size_on_disk():
+                        learnt = str(state.get("get_etag") or "")
+                    part.save_state({"mode": "single", "size": size, "etag": info.etag, "get_etag": learnt})
+                    fetched = self._fetch_single(
+                        url, part, size, info.etag or learnt, pbar, spent, deadline
+                    )
+        except RemoteChanged:
+            part.discard()  # bytes of a version that is gone: never resumed
+            raise
+        check_size = expected_size if expected_size is not None else fetched.size
+        verified = verification(expected_md5, check_size)
+        if verified == UNVERIFIED and not self.settings.accept_unverified:
+            part.discard()
+            raise FetchError(
+                url,
+                "the server gave no size (HEAD refused or no Content-Length) and no checksum is known, "
+                "so a cut-off download cannot be told from a complete one; refused (publish its md5 "
+                "in endpoints.known_md5, or set net.accept_unverified: true to keep it marked "
+                "verified=none in the manifest)",
+            )
+        md5 = verify_part(part, url, check_size, expected_md5)
         final_size = part.size_on_disk()
         place_file(part.path, dest)
         part.discard()
-        return Downloaded(path=dest, size=final_size, md5=md5, etag=info.etag, transferred=transferred)
+        return Downloaded(
+            path=dest,
+            size=final_size,
+            md5=md5,
+            etag=fetched.etag,
+            transferred=fetched.transferred,
+            verified=verified,
+        )
 
     def _segment_count(self, size: int | None, connections: int, accepts_ranges: bool | None) -> int:
         if connections <= 1 or size is None or accepts_ranges is False:
@@ -221,26 +281,71 @@ class HttpClient:
         # Segments no smaller than the streaming chunk: splitting a small file only adds requests.
         return max(1, min(connections, size // self.settings.chunk_bytes))
 
-    def _fetch_single(self, url: str, part: PartFile, size: int | None, pbar: Any) -> int:
-        budget = RetryBudget(url, self.settings)
+    def _open(
+        self, session: requests.Session, url: str, etag: str, first: int, last: int | None = None
+    ) -> requests.Response:
+        """A streamed GET of bytes `first`..`last` (None: to the end), pinned to `etag`."""
+        headers = dict(DOWNLOAD_HEADERS)
+        if etag and not etag.startswith("W/"):
+            # Strong comparison: a weak ETag can never satisfy If-Match, so it is not sent.
+            headers["If-Match"] = f'"{etag}"'
+        if first or last is not None:
+            headers["Range"] = f"bytes={first}-{'' if last is None else last}"
+        return session.get(url, headers=headers, stream=True, timeout=self._timeout)
+
+    @staticmethod
+    def _check_response(url: str, resp: requests.Response, etag: str, size: int | None) -> str:
+        """Raise for a failed status or a response that is not the version listed; return its ETag."""
+        if resp.status_code == 412:
+            raise RemoteChanged(url, f"If-Match on ETag {etag} failed (HTTP 412)")
+        check_status(url, resp)
+        sent = clean_etag(resp.headers.get("ETag"))
+        if etag and sent and sent != etag:
+            # A server that ignores If-Match still says which version it sends.
+            raise RemoteChanged(url, f"the server sends ETag {sent}, not the listed {etag}")
+        total = _announced_total(resp)
+        if size is not None and total is not None and total != size:
+            raise RemoteChanged(url, f"the server now announces {total} bytes, not the listed {size}")
+        return sent
+
+    def _fetch_single(
+        self,
+        url: str,
+        part: PartFile,
+        size: int | None,
+        etag: str,
+        pbar: Any,
+        spent: RetryCount,
+        deadline: Deadline,
+    ) -> _Fetched:
+        budget = RetryBudget(url, self.settings, spent=spent, deadline=deadline)
+        floor = ThroughputFloor(self.settings)
         transferred = 0
         while True:
+            budget.check_deadline()
             have = part.size_on_disk()
             if size is not None and have > size:
                 part.path.unlink()
                 have = 0
             if size is not None and have == size and (have > 0 or part.path.exists()):
-                return transferred
+                return _Fetched(transferred, size, etag)
+            budget.reached(have)
             pbar.reset(total=size)
             pbar.update(have)
-            headers = {"Range": f"bytes={have}-"} if have else {}
             try:
-                with self.session.get(url, headers=headers, stream=True, timeout=self._timeout) as resp:
+                with self._open(self.session, url, etag, have) as resp:
                     if resp.status_code == 416 and have:
-                        # Our part runs past the end of the (unknown-size) file: start again.
+                        # Our part runs past the end of the (unknown-size) file: start again,
+                        # spending a retry so that a server answering 416 to everything ends.
                         part.path.unlink()
-                        continue
-                    check_status(url, resp)
+                        raise Transient(f"HTTP 416 for the bytes from {have}")
+                    sent = self._check_response(url, resp, etag, size)
+                    if not etag and sent:
+                        etag = sent  # learnt from the first GET: pins the resumes after it
+                        state = part.load_state() or {}
+                        part.save_state({**state, "get_etag": sent})
+                    if size is None:
+                        size = _announced_total(resp)
                     if have and resp.status_code == 206:
                         start = _content_range_start(resp)
                         if start is not None and start != have:
@@ -253,16 +358,27 @@ class HttpClient:
                     length = resp.headers.get("Content-Length")
                     expected = int(length) if length and length.isdigit() else None
                     got = 0
+                    floor.restart()
                     with open(part.path, mode) as fh:
-                        for chunk in resp.iter_content(self.settings.chunk_bytes):
+                        while chunk := read_some(resp.raw, self.settings.chunk_bytes, decode=True):
+                            if size is not None and have + got + len(chunk) > size:
+                                raise RemoteChanged(url, f"the server sent more than the {size} bytes listed")
+                            # Written at once: a drop after this read keeps every byte that came.
                             fh.write(chunk)
                             got += len(chunk)
                             transferred += len(chunk)
                             pbar.update(len(chunk))
-                            budget.progressed()
-                    if expected is not None and got < expected:
+                            budget.reached(have + got)
+                            floor.add(len(chunk))
+                            floor.check()
+                            budget.check_deadline()
+                    if (expected is not None and got < expected) or (
+                        size is not None and have + got < size
+                    ):
                         raise Transient(f"connection closed after {have + got} bytes")
-                return transferred
+                return _Fetched(transferred, size, etag)
+            except Stalled as exc:
+                budget.failed(str(exc), stalled=True)
             except Transient as exc:
                 budget.failed(str(exc))
             except TRANSIENT_ERRORS as exc:
@@ -277,6 +393,8 @@ class HttpClient:
         nseg: int,
         state: dict[str, Any] | None,
         pbar: Any,
+        spent: RetryCount,
+        deadline: Deadline,
     ) -> int:
         segments = (state or {}).get("segments")
         valid = (
@@ -308,15 +426,21 @@ class HttpClient:
 
         def worker(i: int) -> None:
             session = self._new_session()
-            budget = RetryBudget(url, self.settings)
+            budget = RetryBudget(url, self.settings, spent=spent, deadline=deadline)
+            floor = ThroughputFloor(self.settings)
             try:
                 while not stop.is_set():
                     with lock:
                         _start, end, pos = segments[i]
                     if pos >= end:
                         return
+                    budget.reached(pos)
                     try:
-                        self._fetch_segment(session, url, part, i, pos, end, stop, budget, record)
+                        self._fetch_segment(
+                            session, url, part, etag, size, i, pos, end, stop, budget, floor, record
+                        )
+                    except Stalled as exc:
+                        budget.failed(str(exc), stalled=True)
                     except Transient as exc:
                         budget.failed(str(exc))
                     except TRANSIENT_ERRORS as exc:
@@ -347,24 +471,27 @@ class HttpClient:
         session: requests.Session,
         url: str,
         part: PartFile,
+        etag: str,
+        size: int,
         i: int,
         pos: int,
         end: int,
         stop: threading.Event,
         budget: RetryBudget,
+        floor: ThroughputFloor,
         record: Any,
     ) -> None:
-        headers = {"Range": f"bytes={pos}-{end - 1}"}
-        with session.get(url, headers=headers, stream=True, timeout=self._timeout) as resp:
-            check_status(url, resp)
+        with self._open(session, url, etag, pos, end - 1) as resp:
+            self._check_response(url, resp, etag, size)
             if resp.status_code != 206:
                 raise _RangeIgnored()
             start = _content_range_start(resp)
             if start is not None and start != pos:
                 raise FetchError(url, f"asked for bytes from {pos}, server sent from {start}")
+            floor.restart()
             with open(part.path, "r+b") as fh:
                 fh.seek(pos)
-                for chunk in resp.iter_content(self.settings.chunk_bytes):
+                while chunk := read_some(resp.raw, self.settings.chunk_bytes, decode=True):
                     if stop.is_set():
                         return
                     chunk = chunk[: end - pos]
@@ -372,8 +499,31 @@ class HttpClient:
                     fh.flush()
                     pos += len(chunk)
                     record(i, pos, len(chunk))
-                    budget.progressed()
+                    budget.reached(pos)
                     if pos >= end:
                         return
+                    floor.add(len(chunk))
+                    floor.check()
+                    budget.check_deadline()
         if pos < end:
             raise Transient(f"connection closed at byte {pos} (segment {i} ends at {end})")
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """What one single-connection transfer learnt: bytes moved, the size, the ETag."""
+
+    transferred: int
+    size: int | None
+    etag: str
+
+
+def _announced_total(resp: requests.Response) -> int | None:
+    """The whole file's size as this response states it (Content-Range total, or a 200's length)."""
+    if resp.status_code == 206:
+        match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+        return int(match.group(3)) if match and match.group(3) != "*" else None
+    if resp.status_code == 200:
+        length = resp.headers.get("Content-Length")
+        return int(length) if length and length.isdigit() else None
+    return None

@@ -24,15 +24,21 @@ from botocore.config import Config
 
 from stages.errors import FetchError
 from stages.net import (
+    Deadline,
     Downloaded,
     NetSettings,
     PartFile,
+    RemoteChanged,
     RemoteNotFound,
     RetryBudget,
+    Stalled,
+    ThroughputFloor,
     Transient,
     clean_etag,
     md5_from_etag,
     place_file,
+    read_some,
+    verification,
     verify_part,
 )
 from stages.progress import bar
@@ -225,10 +231,35 @@ class S3Bucket:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._payer}
         if start:
             kwargs["Range"] = f"bytes={start}-"
-        if etag and start:
-            # Resuming a changed object would splice two versions together.
+        if etag:
+            # On every GET, the first too: an object that changed since it was listed is a 412,
+            # never bytes of another version (or of a grown object read for ever).
             kwargs["IfMatch"] = f'"{etag}"'
         return self.client.get_object(**kwargs)
+
+    def _open_body(self, obj: S3Object, start: int) -> Any:
+        """The body of a GET of `obj` from byte `start`, checked to be the listed version."""
+        url = self.url(obj.key)
+        try:
+            resp = self._get(obj.key, start, obj.etag)
+        except bce.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code in ("PreconditionFailed", "412") or status == 412:
+                raise RemoteChanged(url, f"If-Match on ETag {obj.etag} failed (S3 412)") from None
+            raise
+        body = resp["Body"]
+        sent = clean_etag(resp.get("ETag"))
+        total = _listed_total(resp)
+        problem = None
+        if obj.etag and sent and sent != obj.etag:
+            problem = f"S3 sends ETag {sent}, not the listed {obj.etag}"
+        elif total is not None and total != obj.size:
+            problem = f"S3 now has {total} bytes, not the listed {obj.size}"
+        if problem:
+            body.close()
+            raise RemoteChanged(url, problem)
+        return body
 
     def download(
         self,
@@ -243,6 +274,7 @@ class S3Bucket:
         """Download `obj` to `dest` via `<scratch>/<name>.part`, resuming and verifying.
 
         md5 is checked against `expected_md5`, else against the ETag when it is a plain md5.
+        Every GET is pinned to the listed ETag: an object that changed is RemoteChanged.
         `progress` is a shared byte bar for many small objects; without one the object gets its own.
         """
         dest = Path(dest)
@@ -252,18 +284,21 @@ class S3Bucket:
         if not part.matches(part.load_state(), size=obj.size, etag=obj.etag):
             part.discard()
         part.save_state({"mode": "single", "size": obj.size, "etag": obj.etag})
-        budget = RetryBudget(url, self.settings)
+        budget = RetryBudget(url, self.settings, deadline=Deadline(url, self.settings))
+        floor = ThroughputFloor(self.settings)
         transferred = 0
         own_bar = progress is None
         progress = bar(total=obj.size, desc=dest.name, unit="B") if own_bar else progress
         try:
             while True:
+                budget.check_deadline()
                 have = part.size_on_disk()
                 if have > obj.size:
                     part.path.unlink()
                     have = 0
                 if have == obj.size and part.path.exists():
                     break
+                budget.reached(have)
                 if own_bar:
                     progress.reset(total=obj.size)
                     progress.update(have)
@@ -271,25 +306,29 @@ class S3Bucket:
                     if obj.size == 0:
                         part.path.write_bytes(b"")
                         break
-                    try:
-                        resp = self._get(obj.key, have, obj.etag)
-                    except bce.ClientError as exc:
-                        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-                            part.discard()
-                            raise FetchError(url, "the object changed during the download") from None
-                        raise
-                    body = resp["Body"]
+                    body = self._open_body(obj, have)
+                    floor.restart()
+                    pos = have
                     with open(part.path, "ab" if have else "wb") as fh:
                         try:
-                            while chunk := body.read(self.settings.chunk_bytes):
+                            while chunk := read_some(body, self.settings.chunk_bytes):
+                                if pos + len(chunk) > obj.size:
+                                    raise RemoteChanged(url, f"S3 sent more than the {obj.size} bytes listed")
+                                # Written at once: a drop after this read keeps every byte that came.
                                 fh.write(chunk)
+                                pos += len(chunk)
                                 transferred += len(chunk)
                                 progress.update(len(chunk))
-                                budget.progressed()
+                                budget.reached(pos)
+                                floor.add(len(chunk))
+                                floor.check()
+                                budget.check_deadline()
                         finally:
                             body.close()
-                    if part.size_on_disk() < obj.size:
-                        raise Transient(f"stream ended after {part.size_on_disk()} of {obj.size} bytes")
+                    if pos < obj.size:
+                        raise Transient(f"stream ended after {pos} of {obj.size} bytes")
+                except Stalled as exc:
+                    budget.failed(str(exc), stalled=True)
                 except Transient as exc:
                     budget.failed(str(exc))
                 except (bce.BotoCoreError, bce.ClientError, *TRANSIENT_ERRORS) as exc:
@@ -297,13 +336,24 @@ class S3Bucket:
                     if not isinstance(translated, Transient):
                         raise translated from None
                     budget.failed(str(translated))
+        except RemoteChanged:
+            part.discard()  # bytes of a version that is gone: never resumed
+            raise
         finally:
             if own_bar:
                 progress.close()
-        md5 = verify_part(part, url, obj.size, expected_md5 or md5_from_etag(obj.etag))
+        expected = expected_md5 or md5_from_etag(obj.etag)
+        md5 = verify_part(part, url, obj.size, expected)
         place_file(part.path, dest)
         part.discard()
-        return Downloaded(path=dest, size=obj.size, md5=md5, etag=obj.etag, transferred=transferred)
+        return Downloaded(
+            path=dest,
+            size=obj.size,
+            md5=md5,
+            etag=obj.etag,
+            transferred=transferred,
+            verified=verification(expected, obj.size),
+        )
 
     def open_stream(self, obj: S3Object) -> ObjectStream:
         """A raw read stream over the whole object that re-opens at its offset when a read fails."""
@@ -313,9 +363,9 @@ class S3Bucket:
 class ObjectStream(io.RawIOBase):
     """Sequential reader of one S3 object that survives dropped connections.
 
-    On a transient failure it re-issues GET with `Range: bytes=<offset>-` (and If-Match on the
-    ETag, so it never splices two versions) and carries on, within the `net:` retry budget.
-    Wrap it in io.BufferedReader for small reads.
+    On a transient failure it re-issues GET with `Range: bytes=<offset>-` (If-Match on the
+    listed ETag, so it never splices two versions) and carries on, within the `net:` retry
+    budget, the throughput floor and the deadline. Wrap it in io.BufferedReader for small reads.
     """
 
     def __init__(self, bucket: S3Bucket, obj: S3Object) -> None:
@@ -325,7 +375,9 @@ class ObjectStream(io.RawIOBase):
         self.url = bucket.url(obj.key)
         self.pos = 0
         self._body: Any = None
-        self._budget = RetryBudget(self.url, bucket.settings)
+        settings = bucket.settings
+        self._budget = RetryBudget(self.url, settings, deadline=Deadline(self.url, settings))
+        self._floor = ThroughputFloor(settings)
         self.reopened = 0
 
     def readable(self) -> bool:
@@ -345,23 +397,28 @@ class ObjectStream(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         while True:
             try:
+                # Checked before reading, not after: bytes already read belong to the caller.
+                self._budget.check_deadline()
                 if self._body is None:
-                    try:
-                        self._body = self._bucket._get(self.obj.key, self.pos, self.obj.etag)["Body"]
-                    except bce.ClientError as exc:
-                        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-                            raise FetchError(self.url, "the object changed while it was being read") from None
-                        raise
+                    self._budget.reached(self.pos)
+                    self._body = self._bucket._open_body(self.obj, self.pos)
+                    self._floor.restart()
                     if self.pos:
                         self.reopened += 1
-                data = self._body.read(len(view))
+                else:
+                    self._floor.check()
+                data = read_some(self._body, min(len(view), self.obj.size - self.pos))
                 if not data:
                     raise Transient(f"stream ended after {self.pos} of {self.obj.size} bytes")
                 n = len(data)
                 view[:n] = data
                 self.pos += n
-                self._budget.progressed()
+                self._budget.reached(self.pos)
+                self._floor.add(n)
                 return n
+            except Stalled as exc:
+                self._drop_body()
+                self._budget.failed(str(exc), stalled=True)
             except Transient as exc:
                 self._drop_body()
                 self._budget.failed(str(exc))
@@ -375,3 +432,13 @@ class ObjectStream(io.RawIOBase):
     def close(self) -> None:
         self._drop_body()
         super().close()
+
+
+def _listed_total(resp: dict[str, Any]) -> int | None:
+    """The whole object's size as a GET response states it (ContentRange total, else length)."""
+    content_range = resp.get("ContentRange")
+    if content_range:
+        total = str(content_range).rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = resp.get("ContentLength")
+    return int(length) if length is not None else None

@@ -664,7 +664,7 @@ def pack_product(
 ) -> dict[str, Any]:
     """Build `data/release/<name>/` (shards, indexes, manifest, class map, product.json, then the
     card and Croissant file of stages.card), `metrics/pack/<name>.json` and the class-count plot
-    data (`metrics/plots/classes/<name>/`); returns the metrics."""
+    data (`metrics/plots/classes/<name>.csv`); returns the metrics."""
     product, settings = product_settings(params, name)
     ctx = PackContext(params, product, settings, root)
     out_dir = out_dir or root / "data" / "release" / name
@@ -765,10 +765,9 @@ def pack_product(
         **plan.extra_metrics,
     }
     write_json(metrics_path, metrics)
-    # The dataset card and Croissant file sit beside the shards (stages/card.py reads only what
+    # The dataset card and Croissant file sit beside the shards (stages/card/ reads only what
     # was just written, plus the quarantine and dedup tables), so `dvc import` of the product
     # brings them along.
-    write_docs(
-        out_dir, root, params, metrics, plots_dir=plots_dir or root / "metrics" / "plots" / "classes" / name
-    )
+    plots_dir = plots_dir or root / "metrics" / "plots" / "classes"
+    write_docs(out_dir, root, params, metrics, plots_file=plots_dir / f"{name}.csv")
     return metrics

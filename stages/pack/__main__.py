@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plots",
         type=Path,
         default=None,
-        help="class counts for dvc plots; default metrics/plots/classes/<product>",
+        help="folder of the class-count CSV for dvc plots (<product>.csv); default metrics/plots/classes",
     )
     parser.add_argument(
         "--update-ledger",

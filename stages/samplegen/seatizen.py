@@ -9,7 +9,14 @@ the loopback server replaces); each file's bytes are at `files/<key>/content`:
   subset of the images (the real layout is unverified);
 - `gbif_class_mapping.csv`: `label,code_gcrmn,id_gbif` (columns of the authors' own label table
   in SeatizenDOI/zenodo-tools; the published file's columns are unverified);
-- `images.zip`: `2024_dataset/<FileName>`, mixed `.JPG`/`.jpg`/`.jpeg`.
+- `images.zip`: `2024_dataset/<FileName>`, mixed `.JPG`/`.jpg`/`.jpeg` (and one `.png`), plus one
+  raster mask `2024_dataset/annotation_mask_<stem>.png` (mode L, ids 1..5) with the colour table
+  `2024_dataset/color.txt` of the-point-is-the-mask.
+
+Besides the video sessions, fixed sessions with the odd names of SOURCES §6 (ODD_SESSIONS: country
+code without a place, a place of several words, a numbered platform with one token after it,
+still photos, a four-token rest, a name that fits no rule), and a class column `Algae` that the
+crosswalk does not know (as in the authors' drone CSVs). They do not depend on the scale.
 
 Session `s` is derived only from the key ("seatizen", s): its place, platform, date, frames and
 labels never depend on how many sessions exist, so a larger scale is a superset of a smaller one.
@@ -116,6 +123,26 @@ CROSS_SOURCE_SESSION = "20230415_REU-StLeu_SCUBA_GX010227"
 CROSS_SOURCE_FILE = f"{CROSS_SOURCE_SESSION}_001.JPG"
 CROSS_SOURCE_SIZE = (360, 480)  # (h, w): the 480x640 shared scene, downscaled then re-encoded
 RLE_IMAGE = (0, 0)  # its first instance is stored as an uncompressed RLE (iscrowd 1)
+UNKNOWN_CLASS = "Algae"  # a class column the crosswalk lacks, as in the authors' drone CSVs
+UNKNOWN_CLASS_RATE = 0.4
+
+# (form, name prefix, frame names' rest tokens, extension, platform kind): the odd names of
+# SOURCES §6, each a small session of its own.
+ODD_SESSIONS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("country_without_place", "20190420_MYT_scuba", ("DSCI1495", "DSCI1496", "DSCI1497"), ".JPG"),
+    ("place_of_several_words", "20221021_MUS-Le-Morne-Saint-Jacques_paddle-2",
+     ("10_00168", "10_00169", "10_00170"), ".jpg"),
+    ("numbered_platform_one_token", "20210618_ATF-Europa_ASV-01", ("G0012345", "G0012346"), ".JPG"),
+    ("still_photos", "20150611_REU-St-Gilles_scuba", ("G0043959", "G0043960", "G0043961"), ".JPG"),
+    ("four_token_rest", "20220305_SYC-Mahe_MASK", ("ses_2_GX030120_0001", "ses_2_GX030120_0002"), ".jpeg"),
+    ("fits_no_rule", "odm_orthophoto_317341", ("7665591", "7665592"), ".png"),
+)
+RASTER_MASK_IMAGE = "20150611_REU-St-Gilles_scuba_G0043959.JPG"  # a still photo without COCO instances
+# the-point-is-the-mask's color.txt, as its authors wrote it (value R G B A; no final newline)
+COLOR_TXT = (
+    "-9999       0   0   0   0\nnan       0   0   0   0\n0       0   0   0   0\n1       0   153 255 127\n"
+    "2       0   204 102 127\n3       204 102 0   127\n4       204 0   204 127\n5       255 255 102 127"
+)
 
 
 def session_spec(s: int) -> dict:
@@ -145,6 +172,59 @@ def session_spec(s: int) -> dict:
         "annotation_date": annotated.isoformat(),
         "base_classes": sorted(base),
     }
+
+
+def odd_spec(i: int) -> dict:
+    """Name, frames and labels of odd session `i` (ODD_SESSIONS): fixed, whatever the scale."""
+    form, prefix, rests, ext = ODD_SESSIONS[i]
+    rng = rng_for("seatizen", "odd", form)
+    base = {str(c) for c in rng.choice(BENTHIC, int(rng.integers(4, 10)), replace=False)}
+    return {
+        "index": -2 - i,
+        "form": form,
+        "name": prefix,
+        "platform": "SCUBA",
+        "frames": [f"{prefix}_{rest}{ext}" for rest in rests],
+        "size": (240, 320),
+        "frame_doi": f"10.5281/zenodo.{10000000 + int(rng.integers(0, 9000000))}",
+        "annotation_date": "2024-06-01",
+        "base_classes": sorted(base),
+    }
+
+
+def render_odd(i: int) -> list[tuple[str, bytes]]:
+    spec = odd_spec(i)
+    h, w = spec["size"]
+    scene = photo(f"seatizen/odd/{spec['form']}", h + 24, w + 36, "reef")
+    out = []
+    for k, name in enumerate(spec["frames"]):
+        pixels = video_frame(scene, spec["name"], k, h, w)
+        if name.endswith(".png"):
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, "PNG", compress_level=6)
+            out.append((name, buf.getvalue()))
+        else:
+            out.append((name, _jpeg(pixels, 90)))
+    return out
+
+
+def raster_mask(h: int, w: int) -> bytes:
+    """A mode-L class-id mask (ids 1..5 of color.txt, 0 = no data) of blobs over sand."""
+    rng = rng_for("seatizen", "raster-mask", RASTER_MASK_IMAGE)
+    mask = np.full((h, w), 5, dtype=np.uint8)
+    yy, xx = np.ogrid[:h, :w]
+    for value in (1, 2, 3, 4, 1):
+        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+        ry, rx = rng.uniform(0.08, 0.2) * h, rng.uniform(0.08, 0.2) * w
+        mask[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1.0] = value
+    mask[:4, :] = 0  # an unannotated strip along the top edge
+    buf = io.BytesIO()
+    Image.fromarray(mask, "L").save(buf, "PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _unknown_value(name: str) -> int:
+    return int(rng_for("seatizen", "unknown-class", name).random() < UNKNOWN_CLASS_RATE)
 
 
 def _labels(spec: dict, k: int) -> dict[str, int]:
@@ -318,19 +398,31 @@ def generate(out: Path, scale: float = 1.0, jobs: int = 1) -> dict:
         "base_classes": ["Acropora_Branching", "Algae_Turf", "Rubble", "Sand"],
     }
 
+    odd_specs = [odd_spec(i) for i in range(len(ODD_SESSIONS))]
+    for i in range(len(ODD_SESSIONS)):
+        frames.update(render_odd(i))
+    mask_h, mask_w = odd_specs[[s["form"] for s in odd_specs].index("still_photos")]["size"]
+    mask_stem = RASTER_MASK_IMAGE.rsplit(".", 1)[0]
+    extra_members = {
+        f"{ZIP_FOLDER}/annotation_mask_{mask_stem}.png": raster_mask(mask_h, mask_w),
+        f"{ZIP_FOLDER}/color.txt": COLOR_TXT.encode(),
+    }
+
     missing = specs[MISSING_FROM_ZIP[0]]["frames"][MISSING_FROM_ZIP[1]] if n > MISSING_FROM_ZIP[0] else None
     zip_only = specs[ZIP_ONLY[0]]["frames"][ZIP_ONLY[1]] if n > ZIP_ONLY[0] else None
     labels: dict[str, dict[str, int]] = {}
     rows: list[list[object]] = []
-    for spec in [*specs, cross_spec]:
+    columns = sorted((*CLASSES, UNKNOWN_CLASS))
+    for spec in [*specs, cross_spec, *odd_specs]:
         for k, name in enumerate(spec["frames"]):
             labels[name] = _labels(spec, k)
             if name == zip_only:
                 continue
+            values = {**labels[name], UNKNOWN_CLASS: _unknown_value(name)}
             rows.append([name, spec["frame_doi"], f"{spec['name']}/PROCESSED_DATA/FRAMES/{name}",
-                         spec["annotation_date"], *(labels[name][c] for c in CLASSES)])
+                         spec["annotation_date"], *(values[c] for c in columns)])
     rows.sort(key=lambda r: str(r[0]))
-    header = ["FileName", "frame_doi", "relative_file_path", "annotation_date", *CLASSES]
+    header = ["FileName", "frame_doi", "relative_file_path", "annotation_date", *columns]
 
     segmentation = _segmentation(specs, labels, {name for name in (missing, zip_only) if name})
     files = {
@@ -342,7 +434,8 @@ def generate(out: Path, scale: float = 1.0, jobs: int = 1) -> dict:
              for label, code, gbif in sorted(CLASS_TABLE)],
         ),
         IMAGES_ZIP: zip_bytes(
-            (f"{ZIP_FOLDER}/{name}", data) for name, data in frames.items() if name != missing
+            [*((f"{ZIP_FOLDER}/{name}", data) for name, data in frames.items() if name != missing),
+             *extra_members.items()]
         ),
     }
     checksums: dict[str, str] = {}
@@ -366,5 +459,12 @@ def generate(out: Path, scale: float = 1.0, jobs: int = 1) -> dict:
         "extensions": sorted({Path(name).suffix for name in frames}),
         "platforms": sorted({spec["platform"] for spec in specs}),
         "late_classes_minus_one": list(LATE_CLASSES),
+        "odd_names": {spec["form"]: spec["frames"] for spec in odd_specs},
+        "raster_mask": {"image": RASTER_MASK_IMAGE,
+                        "zip_member": f"{ZIP_FOLDER}/annotation_mask_{mask_stem}.png",
+                        "colour_table": f"{ZIP_FOLDER}/color.txt", "size_hw": [mask_h, mask_w]},
+        "unknown_class_column": {"name": UNKNOWN_CLASS,
+                                 "present": sum(_unknown_value(str(r[0])) for r in rows),
+                                 "values": len(rows)},
     }
     return {"planted": planted, "checksums": checksums}
