@@ -102,6 +102,9 @@ REASONS = {
     "image_unusable": "the record's image was quarantined (see its image row)",
     "no_annotation": "an image with no annotation record",
     "bad_record": "a record with missing or malformed required fields",
+    "encoding_error": "a CSV record with bytes that are not in the file's encoding (UTF-8 unless declared)",
+    "unreferenced_file": "a file of an export that no record uses (no row names it, not the labelset in use)",
+    "bad_export": "a whole export that cannot be parsed, quarantined by ingest.on_bad_export: quarantine",
 }
 
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")

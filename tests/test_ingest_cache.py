@@ -17,6 +17,8 @@ TABLES = ("samples.parquet", "points.parquet", "quarantine.parquet")
 # Sources on the record protocol, and how their probed input files are named in data/raw/<source>.
 PORTED = {
     "mermaid": lambda key: key.endswith(".png") and not key.endswith("_thumbnail.png"),
+    # Files directly in an export's images/ (the sample upstream references all of them).
+    "coralnet": lambda key: key.count("/") == 2 and key.split("/")[1] == "images",
     # every file of images.zip but the raster mask and its colour table (an image and its mask
     # are one unit)
     "seatizen": lambda key: key.startswith("2024_dataset/")

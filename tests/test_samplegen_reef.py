@@ -232,8 +232,15 @@ def test_coralnet_bucket_source(gen):
     regular = next(f for f in sorted(files) if f.endswith(".jpg") and (src / "images" / f).stat().st_size)
     with Image.open(src / "images" / regular) as img:
         assert img.format == "JPEG"
-    for case in ("zero_byte_jpeg", "png_image", "planted_labels", "status_mix"):
+    for case in ("zero_byte_jpeg", "png_image", "planted_labels", "status_mix", "geometry_mismatch"):
         assert (ann["Image ID"] == info[case]["image_id"]).sum() == info[case]["rows"]
+    # Points made for a 1200x1600 image on a 480x640 JPEG: far more than 5% fall outside it.
+    mismatch = info["geometry_mismatch"]
+    rows = ann[ann["Image ID"] == mismatch["image_id"]]
+    with Image.open(root / mismatch["file"]) as img:
+        assert img.size == (mismatch["width"], mismatch["height"]) == (640, 480)
+    off = ((rows["Row"] >= mismatch["height"]) | (rows["Column"] >= mismatch["width"])).sum()
+    assert off == mismatch["outside"] and off / len(rows) > 0.5
     mixed = ann[ann["Image ID"] == info["status_mix"]["image_id"]]
     assert mixed["Status"].value_counts().to_dict() == info["status_mix"]["status_counts"]
     assert set(info["status_mix"]["status_counts"]) == {"Confirmed", "Unconfirmed", "Unclassified"}
@@ -316,6 +323,8 @@ def test_coralnet_planted_cases(gen):
     off = rows[(rows["Row"] < 0) | (rows["Row"] >= out["height"]) | (rows["Column"] < 0)
                | (rows["Column"] >= out["width"])]
     assert sorted(zip(off["Row"], off["Column"])) == sorted((p["row"], p["col"]) for p in out["outside"])
+    # 3 of 64: under the 5% share past which the whole image would be a geometry mismatch.
+    assert len(rows) == out["rows"] == 64 and len(off) == 3
     with Image.open(root / out["file"]) as img:
         assert img.size == (out["width"], out["height"])
 
@@ -325,6 +334,52 @@ def test_coralnet_planted_cases(gen):
         diff_px = np.abs(np.asarray(img, dtype=np.int16) - scenes.cross_source_scene().astype(np.int16))
     assert diff_px.mean() < 4  # the same scene, only JPEG loss apart
     assert (ann["Name"] == scene["name"]).sum() == scene["rows"]
+
+
+def test_coralnet_toolbox_export(gen):
+    root, planted = gen
+    info = planted["coralnet"]["s3120"]
+    src = root / info["root"]
+    assert info["root"] == "coralnet/s3120/" and info["layout"] == "coralnet-toolbox"
+    assert sorted(p.name for p in src.iterdir()) == [
+        "CoralNet_Annotations.csv", "D3", "Labels.json", "label_set.csv"]
+    raw = (src / "CoralNet_Annotations.csv").read_bytes()
+    lines = raw.split(b"\n")
+    assert lines[0] == b"Name,Row,Column,Label,Long Label,Patch Size" and b"\r" not in raw
+    # Exactly one line is not UTF-8: the planted one, with a latin-1 0xFB.
+    bad = []
+    for k, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(k)
+    case = info["encoding_error"]
+    assert bad == [case["line"]] and bytes([case["byte"]]) in lines[case["line"] - 1]
+    text = raw.decode("utf-8", errors="replace")  # latin-1 would garble every other line
+    ann = pd.read_csv(io.StringIO(text), keep_default_na=False, dtype=str)
+    assert list(ann.columns) == info["columns"] and len(ann) == info["rows"]
+    assert ann["Name"].nunique() == info["images"] and (ann["Patch Size"] == "112").all()
+    # A labelset as pandas saves one: an unnamed index column, then Short Code and Label ID.
+    labelset = (src / "label_set.csv").read_text().splitlines()
+    assert labelset[0] == ",Short Code,Label ID" and labelset[1].startswith("0,")
+    codes = {line.split(",")[1] for line in labelset[1:]}
+    unmapped = info["unmapped_code"]
+    used = set(ann["Label"])
+    assert unmapped["code"] in used and unmapped["code"] not in codes and used - {unmapped["code"]} <= codes
+    review = ann[ann["Label"] == unmapped["code"]]
+    assert set(review["Name"]) == {unmapped["name"]} and len(review) == unmapped["code_rows"]
+    nfd = info["nfd_name"]
+    assert nfd["name"] in set(ann["Name"]) and nfd["name"] != nfd["file_name_nfc"]
+    assert (root / nfd["file"]).is_file() and not (src / "D3" / nfd["name"]).exists()
+    folder = info["folder_as_image"]
+    assert (root / folder["folder"]).is_dir() and (root / folder["file"]).is_file()
+    assert (root / info["unreferenced_file"]["file"]).is_file()
+    assert not ann["Name"].str.contains("/").any()
+    labels = json.loads((src / "Labels.json").read_text())
+    assert labels[0]["short_label_code"] == "Review" and {"id", "color"} <= set(labels[0])
+    for name in set(ann["Name"]) - {nfd["name"], folder["name"]}:
+        with Image.open(src / "D3" / name) as img:
+            assert img.format == "JPEG"
 
 
 def test_label_mappings_cover_the_sources(gen):
@@ -417,7 +472,9 @@ def test_same_scale_gives_identical_bytes_whatever_the_jobs(runs):
 
 
 def _csv_rows(data: bytes) -> list[tuple[str, ...]]:
-    return [tuple(r) for r in csv.reader(io.StringIO(data.decode("utf-8"), newline=""))]
+    # surrogateescape: the toolbox export plants one latin-1 byte.
+    text = data.decode("utf-8", errors="surrogateescape")
+    return [tuple(r) for r in csv.reader(io.StringIO(text, newline=""))]
 
 
 def test_larger_scale_is_a_superset(runs):
@@ -425,7 +482,8 @@ def test_larger_scale_is_a_superset(runs):
     ts, tl = _tree(small), _tree(large)
     assert set(ts) < set(tl)
     aggregates = {rs["planted"]["mermaid"]["parquet"]} | {
-        rs["planted"]["coralnet"][s]["root"] + "annotations.csv" for s in ("s2012", "s1073")
+        info["root"] + info.get("annotations", "annotations.csv")
+        for info in (rs["planted"]["coralnet"][s] for s in ("s2012", "s1073", "s3120"))
     }
     for key, data in ts.items():
         if key in aggregates:
@@ -447,6 +505,13 @@ def test_larger_scale_is_a_superset(runs):
     for case in cases:
         assert rs["planted"]["mermaid"][case] == rl["planted"]["mermaid"][case]
     assert rs["planted"]["mermaid_api"] == rl["planted"]["mermaid_api"]
+    for export, names in (
+        ("s2012", ("zero_byte_jpeg", "png_image", "planted_labels", "status_mix", "geometry_mismatch")),
+        ("s1073", ("cross_source_scene", "duplicate_points", "planted_labels", "points_outside")),
+        ("s3120", ("encoding_error", "unmapped_code", "nfd_name", "folder_as_image", "unreferenced_file")),
+    ):
+        for case in names:
+            assert rs["planted"]["coralnet"][export][case] == rl["planted"]["coralnet"][export][case], case
     assert rl["planted"]["mermaid"]["images"] > rs["planted"]["mermaid"]["images"]
 
 

@@ -2,9 +2,21 @@
 
 Each `sources.coralnet.exports` entry names a source id and where its export lives:
 `location: s3` reads `s3://<bucket>/s<id>/`, `location: local` reads
-`<endpoints.coralnet_local_root>/s<id>/`. Only `annotations.csv`, `labelset.csv` (when there is
-one) and `images/…` are mirrored into `data/raw/coralnet/s<id>/`; `features/` and anything else
-are skipped. Local files are copied only when their size or md5 differ from the mirror.
+`<endpoints.coralnet_local_root>/s<id>/`. Mirrored into `data/raw/coralnet/s<id>/`, in one layout
+whatever the upstream's: `annotations.csv`, every other CSV at the top of the export under its own
+name (the labelset, whatever it is called: ingest picks it by its header and names it), and
+`images/...` (everything under the images folder, sub-folders included: ingest counts what no
+record uses). `features/` and other files are not mirrored; a local export's skipped files are
+logged and listed in the report's notes.
+
+A local export need not be laid out as CoralNet's own (CoralNet-Toolbox writes
+`CoralNet_Annotations.csv` beside an image folder such as `D3/`):
+- the annotations CSV is the entry's `annotations:` file, else `annotations.csv`, else the one
+  top-level CSV whose header is an annotations header (`stages.coralnet_format`);
+- the images are under the entry's `images:` folder, else `images/`, else the one top-level folder
+  that holds image files (or the export folder itself, when only it holds them);
+- none or several candidates: an UpstreamFormatError listing them, naming the key to set.
+Local files are copied only when their size or md5 differ from the mirror.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.config import require
+from stages.coralnet_format import IMAGE_SUFFIXES, is_annotations_header, read_header
 from stages.errors import ConfigError, UpstreamFormatError
 from stages.fetch import sync_s3_objects
 from stages.fetch.manifest import (
@@ -36,20 +49,23 @@ log = logging.getLogger(__name__)
 
 SOURCE = "coralnet"
 ANNOTATIONS = "annotations.csv"
-LABELSET = "labelset.csv"
 IMAGES = "images/"
 
 
+def _top_csv(rel: str) -> bool:
+    return "/" not in rel and rel.lower().endswith(".csv")
+
+
 def _wanted(rel: str) -> bool:
-    """Is this path inside an export folder one we mirror?"""
-    return rel in (ANNOTATIONS, LABELSET) or (rel.startswith(IMAGES) and len(rel) > len(IMAGES))
+    """Is this path inside a bucket export folder one we mirror?"""
+    return _top_csv(rel) or (rel.startswith(IMAGES) and len(rel) > len(IMAGES))
 
 
-def _exports(params: dict[str, Any]) -> list[tuple[int, str]]:
+def _exports(params: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
     exports = require(params, f"sources.{SOURCE}.exports")
     if not isinstance(exports, list):
         raise ConfigError("params.yaml: `sources.coralnet.exports` must be a list of {id, location}")
-    out: list[tuple[int, str]] = []
+    out: list[tuple[int, str, dict[str, Any]]] = []
     for entry in exports:
         try:
             source_id = int(entry["id"])
@@ -60,7 +76,7 @@ def _exports(params: dict[str, Any]) -> list[tuple[int, str]]:
             ) from None
         if location not in ("s3", "local"):
             raise ConfigError(f"params.yaml: CoralNet export s{source_id}: location must be s3 or local")
-        out.append((source_id, location))
+        out.append((source_id, location, dict(entry)))
     return out
 
 
@@ -96,32 +112,31 @@ def _fetch_s3_export(
     )
 
 
-def _local_files(folder: Path) -> dict[str, Path]:
-    """The mirrored files of a local export: relative posix path -> the real file to read.
-
-    A symbolic link among them is followed only when it resolves (through any chain of links)
-    to a file inside the export folder: anything else would copy a host file into data/raw,
-    which DVC pushes. Such a link, or a broken one, is an error naming it. Linked folders are
-    not descended into (as before), but one that leads out of the export is refused too.
-    """
-    real_root = folder.resolve()
-    files: dict[str, Path] = {}
-    for root, dirs, names in os.walk(folder):
+def _local_files(folder: Path) -> tuple[list[str], list[str]]:
+    """Every file of a local export (relative posix paths) and the linked folders in it (os.walk
+    does not descend into those)."""
+    rels: list[str] = []
+    linked: list[str] = []
+    for root, dirs, files in os.walk(folder):
         here = Path(root)
-        for d in dirs:
-            link = here / d
-            if link.is_symlink() and _wanted(link.relative_to(folder).as_posix() + "/x"):
-                _resolve_link(link, real_root)
-        for name in names:
-            path = here / name
-            rel = path.relative_to(folder).as_posix()
-            if not _wanted(rel):
-                continue
-            real = _resolve_link(path, real_root) if path.is_symlink() else path
-            if not real.is_file():
-                raise UpstreamFormatError(path, "is not a regular file")
-            files[rel] = real
-    return dict(sorted(files.items()))
+        linked += [(here / d).relative_to(folder).as_posix() for d in dirs if (here / d).is_symlink()]
+        for name in files:
+            rels.append((here / name).relative_to(folder).as_posix())
+    return sorted(rels), sorted(linked)
+
+
+def _real_file(folder: Path, rel: str, real_root: Path) -> Path:
+    """The file to read for a mirrored path.
+
+    A symbolic link is followed only when it resolves (through any chain of links) to a file
+    inside the export folder: anything else would copy a host file into data/raw, which DVC
+    pushes. Such a link, or a broken one, is an error naming it.
+    """
+    path = folder / rel
+    real = _resolve_link(path, real_root) if path.is_symlink() else path
+    if not real.is_file():
+        raise UpstreamFormatError(path, "is not a regular file")
+    return real
 
 
 def _resolve_link(link: Path, real_root: Path) -> Path:
@@ -138,13 +153,78 @@ def _resolve_link(link: Path, real_root: Path) -> Path:
     return target
 
 
+def _one(found: list[str], folder: Path, what: str, key: str) -> str | None:
+    if len(found) > 1:
+        raise UpstreamFormatError(
+            folder,
+            f"ambiguous CoralNet export: several {what} ({', '.join(found)}); name the one to use "
+            f"with `{key}:` in its sources.coralnet.exports entry",
+        )
+    return found[0] if found else None
+
+
+def _local_layout(folder: Path, rels: list[str], entry: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """{mirror path in the export: local path} and the local files left out (module docstring)."""
+    source = f"CoralNet export s{entry['id']}"
+    for key in ("annotations", "images"):
+        value = entry.get(key)
+        if value is not None and (
+            not isinstance(value, str) or Path(value).is_absolute() or ".." in Path(value).parts
+        ):
+            raise ConfigError(f"params.yaml: {source}: `{key}` must be a path inside the export folder")
+    named = entry.get("annotations")
+    if named:
+        annotations = str(named)
+        if annotations not in rels:
+            raise UpstreamFormatError(
+                folder / annotations, f"{source}: the annotations CSV its entry names is missing"
+            )
+    elif ANNOTATIONS in rels:
+        annotations = ANNOTATIONS
+    else:
+        csvs = [r for r in rels if _top_csv(r)]
+        found = _one([r for r in csvs if is_annotations_header(read_header(folder / r))], folder,
+                     "annotations CSVs", "annotations")
+        if found is None:
+            raise UpstreamFormatError(
+                folder / ANNOTATIONS,
+                f"{source} has no {ANNOTATIONS} and no other CSV with a CoralNet annotations header "
+                f"(Name or Image ID, Row, Column, Label...); CSVs: {', '.join(csvs) or 'none'}",
+            )
+        annotations = found
+    image_dirs = sorted({r.split("/", 1)[0] for r in rels if "/" in r and r.lower().endswith(IMAGE_SUFFIXES)})
+    named = entry.get("images")
+    if named:
+        images: str | None = str(named).strip("/")
+        if not (folder / images).is_dir():
+            raise UpstreamFormatError(
+                folder / images, f"{source}: the images folder its entry names is missing"
+            )
+    elif "images" in image_dirs or (folder / "images").is_dir():
+        images = "images"
+    else:
+        flat = [r for r in rels if "/" not in r and r.lower().endswith(IMAGE_SUFFIXES)]
+        images = _one(image_dirs + (["."] if flat else []), folder, "image folders", "images")
+    mirror: dict[str, str] = {ANNOTATIONS: annotations}
+    for rel in rels:
+        if _top_csv(rel) and rel != annotations:
+            mirror.setdefault(rel, rel)
+        elif images == "." and "/" not in rel and rel.lower().endswith(IMAGE_SUFFIXES):
+            mirror[f"{IMAGES}{rel}"] = rel
+        elif images not in (None, ".") and rel.startswith(f"{images}/"):
+            mirror[f"{IMAGES}{rel[len(images) + 1 :]}"] = rel
+    used = set(mirror.values())
+    return mirror, [r for r in rels if r not in used]
+
+
 def _fetch_local_export(
     root: Path,
-    source_id: int,
+    entry: dict[str, Any],
     out_dir: Path,
     previous: dict[str, ManifestRow],
     report: FetchReport,
 ) -> dict[str, ManifestRow]:
+    source_id = int(entry["id"])
     folder = root / f"s{source_id}"
     if not folder.is_dir():
         raise UpstreamFormatError(
@@ -152,14 +232,24 @@ def _fetch_local_export(
             f"CoralNet export folder for source {source_id} not found "
             "(export it from CoralNet and unpack it there, or change endpoints.coralnet_local_root)",
         )
-    files = _local_files(folder)
-    if ANNOTATIONS not in files:
-        raise UpstreamFormatError(folder / ANNOTATIONS, f"CoralNet export s{source_id} has no {ANNOTATIONS}")
+    rels, linked = _local_files(folder)
+    mirror, skipped = _local_layout(folder, rels, entry)
+    real_root = folder.resolve()
+    images = {rel.split("/", 1)[0] for rel in mirror.values() if rel != mirror[ANNOTATIONS] and "/" in rel}
+    for rel in linked:
+        # A linked folder is not descended into; one where images live must not lead out either.
+        if rel.split("/", 1)[0] in images or rel == "images":
+            _resolve_link(folder / rel, real_root)
+    files = {dest_rel: (rel, _real_file(folder, rel, real_root)) for dest_rel, rel in mirror.items()}
+    if skipped:
+        note = f"coralnet s{source_id}: not part of the export, not mirrored: {', '.join(skipped)}"
+        log.warning("%s", note)
+        report.notes.append(note)
     rows: dict[str, ManifestRow] = {}
     with bar(total=len(files), desc=f"coralnet s{source_id}", unit="file") as pbar:
-        for rel, real in files.items():
+        for dest_rel, (rel, real) in sorted(files.items()):
             src = folder / rel
-            key = f"s{source_id}/{rel}"
+            key = f"s{source_id}/{dest_rel}"
             dest = out_dir / key
             url = str(src)
             size = real.stat().st_size
@@ -194,7 +284,7 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
     previous = read_manifest(out_dir)
     rows: dict[str, ManifestRow] = {}
     bucket: S3Bucket | None = None
-    for source_id, location in exports:
+    for source_id, location, entry in exports:
         if location == "s3":
             if bucket is None:
                 bucket = S3Bucket.from_params(
@@ -203,7 +293,7 @@ def fetch(params: dict[str, Any], out_dir: Path, scratch_dir: Path) -> FetchRepo
             rows.update(_fetch_s3_export(params, bucket, source_id, out_dir, scratch_dir, previous, report))
         else:
             root = Path(require(params, "endpoints.coralnet_local_root"))
-            rows.update(_fetch_local_export(root, source_id, out_dir, previous, report))
+            rows.update(_fetch_local_export(root, entry, out_dir, previous, report))
     report.removed += len(prune(out_dir, set(rows)))
     write_manifest(out_dir, rows.values())
     return report

@@ -1,295 +1,181 @@
 """ingest@coralnet: CoralNet source exports (`data/raw/coralnet/s<id>/`) -> samples, points, quarantine.
 
-One export per `sources.coralnet.exports` entry: `s<id>/annotations.csv`, `s<id>/labelset.csv`
-(optional) and `s<id>/images/<file>`.
+One export per `sources.coralnet.exports` entry, laid out by fetch@coralnet as
+`s<id>/annotations.csv`, the export's other top-level CSVs (its labelset, under its own name) and
+`s<id>/images/...`. docs/ingest.md "CoralNet" is the user-facing description; this is the contract.
 
-Input records (every one ends as exactly one output row):
-- `annotation_rows`: the data rows of each `annotations.csv` (quoted multi-line cells are part of
-  one row). Each becomes one POINTS row or one quarantine row with `record_kind = "annotation_row"`.
-- `images`: per export, the distinct image keys of the CSV plus the files in `images/` that no
-  key resolves to. Each becomes one SAMPLES row or one quarantine row with `record_kind = "image"`
-  (an unreferenced file is `no_annotation`).
-`metrics.inputs = {"images": n, "annotation_rows": n}` (and per export under `inputs_by_export`).
+Input records (`report.inputs`; every one ends as exactly one output row, the runner checks):
+- `export`: each configured export. Read (its records below), or, when it cannot be parsed and
+  `ingest.on_bad_export` is `quarantine`, one `bad_export` row (default `fail`: the stage fails
+  with the error, which names the file and the line).
+- `point`: the data records of each `annotations.csv` (a quoted multi-line comment is part of one
+  record). Each becomes one POINTS row or one quarantine row.
+- `image`: per export, the distinct image keys (NFC) of the usable rows, plus the files directly
+  in `images/` that no key resolves to (`no_annotation`).
+- `file`: any other file of the export that no record uses (`unreferenced_file`): files in
+  sub-folders of `images/` (no key can name them), CSVs that are neither the annotations nor the
+  labelset in use.
 
-Reading the CSV tolerantly: UTF-8 (BOM allowed; latin-1 as a fallback, reported as `encoding`),
-header names matched case- and space-insensitively, metadata columns before `Row`, any extra or
-missing optional column, quoted multi-line values, empty cells, short rows padded with empty
-cells. The image key is `Name` (file `images/<Name>`) when that column exists, else `Image ID`
-(file `images/<Image ID>.<ext>`, the extension found in the folder; several candidates: jpg, jpeg,
-png, then others, then by name). Labels are `Label ID` and/or `Label code`; a code alone is turned
-into a Label ID through `labelset.csv` (`Label ID`, `Short Code`). Required: an image key, `Row`,
-`Column`, and `Label ID` or `Label code`; otherwise UpstreamFormatError names the file and the
-expected columns.
+Reading (two passes, `stages.ingest.coralnet_csv`). Pass 1 streams the CSV once and keeps per
+record only compact arrays: image key index, byte span, first line, a verdict code. It refuses
+the export (UpstreamFormatError naming the file and line) for: a missing file, a header without
+`Name`/`Image ID`, `Row`, `Column` and one of `Label ID`, `Label code`, `Label` (the short code,
+exports before December 2024 and CoralNet-Toolbox), an unbalanced quote (a record open for more
+than 64 lines or at the end of the file, or a line break in a non-free-text column, or a
+free-text cell holding the delimiters of whole rows; free text = the metadata columns before
+`Row`), a header-only CSV, a CSV none of whose rows is usable for format reasons, a reshaped or
+ambiguous labelset, and two image files whose names are equal after NFC when a row names them.
+Pass 2 yields the images in sample_id order, reading each image's records again by their spans;
+Python values exist for one image at a time.
 
-Reasons for an annotation row, in the order they are tested (the first that applies):
-`bad_record` (more cells than the header, empty image key, Row/Column not integers) ->
-`unconfirmed_annotation` (`Annotator` is `robot`, or a `Status` column whose value is not
-`Confirmed`; `Imported` rows are confirmed human imports and kept) -> `bad_record` (a confirmed
-row without a label, or a non-integer Label ID) -> `image_unusable` (its image was quarantined;
-the detail names the image's reason) -> `point_outside_image` (not 0 <= row < H, 0 <= col < W) ->
-`duplicate_point` ((row, col) of an earlier row of the same image that got this far; the first is
-kept; the detail says whether the label differs) -> `unmapped_label` (code not in labelset.csv,
-no labelmapping, or only a null-attribute mapping) / `ambiguous_mapping` (several targets, unless
-`params.ingest.ambiguous_mapping == "lowest_mapping_id"`, which takes the mapping with the lowest
-mapping id and reports every decision under `metrics.ambiguous_mapping`). Never last-wins.
-Images: `bad_record` (a key that would name a path outside `images/`), `missing_image`,
-`empty_file`, `corrupt_image`, `image_too_large`, `unsupported_format`, `no_annotation`.
+Reasons, per data record, in the order tested: `encoding_error` (a byte that is not the export's
+encoding, UTF-8 unless the entry says `encoding: latin-1`), `bad_record` (more cells than the
+header, empty image key, a cell over 128 Ki characters, Row/Column not integers) ->
+`unconfirmed_annotation` (`Annotator` `robot`, or a `Status` other than `Confirmed`; `Imported`
+rows are kept) -> `bad_record` (no label, or a Label ID that is not an integer) ->
+`duplicate_point` (an earlier kept row of the image has this (row, col); the detail says whether
+the label differs) -> `unmapped_label` (a code the labelset does not resolve, naming the code and
+the file; a Label ID without a usable mapping) / `ambiguous_mapping` (unless
+`ingest.ambiguous_mapping: lowest_mapping_id`). Then the runner: `image_unusable` (its image was
+quarantined), `geometry_mismatch` (more than `ingest.max_outside_share` of the image's points
+outside it: the image and all its points), `point_outside_image`.
+Images: `bad_record` (a Name that would leave `images/`, an Image ID that is not a plain id),
+`missing_image` (also an Image ID without a file of that stem), the probe's `not_a_regular_file`
+(a folder or a symlink where the image should be), `empty_file`, `corrupt_image`,
+`image_too_large`, `unsupported_format`, `geometry_mismatch`, `no_annotation`.
 
-Ids: `sample_id = make_sample_id("coralnet", "s<id>", key)`, plus `-<8 hex of sha256(key)>` when
-the key has characters outside [A-Za-z0-9_-] (a Name always has its dot), so distinct names that
-slug alike (`a b.jpg`, `a_b.jpg`) never collide; `upstream_id = "s<id>/<key>"`;
-`point_id = "<sample_id>-r<row>-c<col>"`, unique because duplicates are collapsed first.
-Quarantined rows are named the same way (`-dup<k>` for the k-th repeat of a position).
-Images whose every row was quarantined remain samples with `n_points = 0` (pack skips them).
+Keys and ids. The image key is `Name` when the header has it, else `Image ID`; keys and file names
+are compared in NFC. `Name` -> `images/<Name>`; `Image ID` -> `images/<id>.<ext>` (several
+files with that stem: .jpg, .jpeg, .png, then others, then by name; the others are
+`no_annotation`). `sample_id = make_sample_id("coralnet", "s<id>", key)` (injective: a key that
+is not a plain id is slugged and suffixed with a hash of its exact text); `upstream_id =
+"s<id>/<key>"`; `point_id = "<sample_id>-r<row>-c<col>"`, unique since duplicates are dropped
+first. Quarantined rows: `-dup<k>` for the k-th repeat of a position, `<sample_id>-line<N>` when
+Row/Column do not parse, `s<id>/line<N>` when the row has no usable key (N = physical line).
 
-`captured_at` = the `Date` metadata when it is `YYYY-MM-DD`; `lat`/`lon` = `Latitude`/`Longitude`
-when both parse as finite in-range numbers. No group key beyond the image exists upstream.
+Group keys: `site` = `s<id>/` + the values of the site columns (`site_columns:` of the export's
+entry, else `sources.coralnet.site_columns`), joined by `/`, from the image's first row; null when
+the export lacks those columns or every value is empty. `captured_at` = `Date` when
+`YYYY-MM-DD`; `lat`/`lon` = `Latitude`/`Longitude` when both parse in range.
 
 `native_labels` (JSON, sorted keys):
     {"export": "s<id>",
-     "image": {"Name": str} and/or {"Image ID": str},          # the key cells as written
-     "metadata": {column: text},   # every column before Row except the key columns, exact text
-                                   # (multi-line comments intact), empty cells left out, taken
-                                   # from the image's first row
-     "metadata_conflicts": [column, ...],    # only present when rows of one image disagree
+     "image": {"Name": str} and/or {"Image ID": str},   # the key cells as written
+     "metadata": {column: text},   # the columns before Row except the keys, exact text, empty
+                                   # cells left out, from the image's first row
+     "metadata_conflicts": [column, ...],             # only when rows of one image disagree
      "points": [{"point_id", "row", "col", "label_id", "label_code", "annotator",
                  "date_annotated", "status",
                  "machine_suggestions": [{"code", "confidence"}],  # confidence int when integral
                  "extra": {column: text}}, ...]}                   # unknown columns after Row
-`points` lists the kept points in file order; keys whose cell is empty are left out.
-
-`labels` (JSON): `stages.ingest.common.point_cover_labels` over the kept points: `n_points`, per
-benthic attribute id {name, top_level_category, count, cover, growth_forms[{id, name, count}]},
-per top-level category {count, cover}.
+`points` lists the kept points in (row, col) order; keys whose cell is empty are left out.
+`labels` (JSON): `stages.ingest.common.point_cover_labels` over the kept points (by the runner).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import math
-import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from stages.errors import ConfigError, UpstreamFormatError
-from stages.imaging import ImageInfo, ImageProblem
-from stages.ingest.common import (
-    Tables,
-    class_counts,
-    dumps_labels,
-    point_cover_labels,
-    probe_images,
-    sample_info_columns,
-)
+import numpy as np
+
+from stages.coralnet_format import KEY_COLUMNS, norm
+from stages.errors import TidepoolError, UpstreamFormatError
 from stages.ingest.context import IngestContext
-from stages.progress import bar
+from stages.ingest.coralnet_csv import MAX_FIELD_CHARS, parse_record
+from stages.ingest.coralnet_labels import LOWEST_RULE, POLICIES, Crosswalk
+from stages.ingest.coralnet_scan import (
+    ANNOTATIONS,
+    BAD_ENCODING,
+    BAD_ROWCOL,
+    IMAGES,
+    LONG_FIELD,
+    TOO_WIDE,
+    ExportScan,
+    export_specs,
+    ingest_choice,
+    nfc,
+    parse_int,
+    scan_export,
+)
+from stages.ingest.probe import image_work
+from stages.ingest.records import Point, Quarantine, Record, Report, Sample
 from stages.schema import make_sample_id
-from stages.taxonomy_index import Mapping, Taxonomy, mapping_id_key
+from stages.taxonomy_index import Taxonomy
 
 SOURCE = "coralnet"
-PROVIDER = "CoralNet"
-ANNOTATIONS = "annotations.csv"
-LABELSET = "labelset.csv"
-POLICIES = ("quarantine", "lowest_mapping_id")
-LOWEST_RULE = "several mappings: take the one whose labelmapping id sorts lowest (numeric ids numerically)"
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+ON_BAD_EXPORT = ("fail", "quarantine")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_SUGGESTION = re.compile(r"^machine (suggestion|confidence) (\d+)$")
-_EXT_PREFERENCE = (".jpg", ".jpeg", ".png")
-# Per-row columns after Row that the adapter understands; anything else goes to a point's "extra".
-_POINT_COLUMNS = ("row", "column", "label id", "label code", "annotator", "date annotated", "status")
-_KEY_COLUMNS = ("name", "image id")
-_CSV_FIELD_LIMIT = 16 * 1024 * 1024
 
 
-def _norm(name: str) -> str:
-    return " ".join(name.replace("\ufeff", "").split()).casefold()
+# --- pass 2: records --------------------------------------------------------------------------
 
 
 @dataclass
-class _Row:
-    index: int  # 1-based data row number in the CSV
-    cells: list[str]
-    too_long: bool
+class _Stats:
+    """What the run accumulates across exports for the metrics."""
+
+    unconfirmed: Counter[str] = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
+    decided_points: Counter[str] = field(default_factory=Counter)
+    exports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bad_exports: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class _Export:
-    source_id: int
-    folder: Path
-    csv_path: Path
-    header: list[str]
-    col: dict[str, int]  # normalised name -> index, for the columns the adapter reads
-    key_column: str  # "Name" | "Image ID" as written in the header
-    metadata: list[tuple[str, int]]  # columns before Row, except the key columns
-    extras: list[tuple[str, int]]  # unknown columns after Row
-    suggestions: list[tuple[int, int | None]]  # (suggestion index, confidence index or None)
-    rows: list[_Row]
-    encoding: str
-    labelset_ids: dict[str, str] = field(default_factory=dict)  # Short Code -> Label ID (unique codes)
-    labelset_ambiguous: set[str] = field(default_factory=set)  # codes naming several Label IDs
-    labelset_codes: dict[str, str] = field(default_factory=dict)  # Label ID -> Short Code
-    has_labelset: bool = False
+class _Rows:
+    """Records of one export read again by their byte spans, one image's worth at a time."""
 
-    @property
-    def name(self) -> str:
-        return f"s{self.source_id}"
+    def __init__(self, scan: ExportScan, fh: BinaryIO) -> None:
+        self.scan, self.fh = scan, fh
 
-    def cell(self, row: _Row, column: str) -> str:
-        i = self.col.get(column)
-        return row.cells[i] if i is not None else ""
-
-
-def _exports(params: dict[str, Any]) -> list[int]:
-    entries = params.get("exports")
-    if not isinstance(entries, list):
-        raise ConfigError("params.yaml: `sources.coralnet.exports` must be a list of {id, location}")
-    ids: list[int] = []
-    for entry in entries:
-        try:
-            ids.append(int(entry["id"]))
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(
-                f"params.yaml: bad CoralNet export entry {entry!r}; expected {{id, location}}"
-            ) from None
-    return ids
+    def read(self, idx: np.ndarray) -> list[tuple[int, int, list[str]]]:
+        """(line, verdict, cells padded to the header) of records `idx` (in file order)."""
+        scan = self.scan
+        starts = [scan.start[i] for i in idx]
+        ends = [scan.start[i] + scan.length[i] for i in idx]
+        lo, hi = starts[0], max(ends)
+        out = []
+        if hi - lo <= 2 * sum(e - s for s, e in zip(starts, ends)) + 65536:
+            self.fh.seek(lo)
+            block = self.fh.read(hi - lo)
+            chunks = [block[s - lo : e - lo] for s, e in zip(starts, ends)]
+        else:  # an image's rows scattered over the file
+            chunks = []
+            for s, e in zip(starts, ends):
+                self.fh.seek(s)
+                chunks.append(self.fh.read(e - s))
+        for i, data in zip(idx, chunks):
+            cells, _bad = parse_record(data, scan.spec.encoding)
+            out.append((scan.line[i], scan.verdict[i], cells + [""] * (scan.width - len(cells))))
+        return out
 
 
-def _read_text(path: Path) -> tuple[str, str]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise UpstreamFormatError(
-            path, "missing: run fetch@coralnet (every export needs annotations.csv)"
-        ) from exc
-    try:
-        return data.decode("utf-8-sig"), "utf-8"
-    except UnicodeDecodeError:
-        # Exports re-saved by spreadsheet tools turn up in legacy 8-bit encodings; latin-1 decodes
-        # every byte, so the text survives (cp1252 punctuation may be mis-read) and is reported.
-        return data.decode("latin-1"), "latin-1"
-
-
-def _read_csv(path: Path) -> tuple[list[list[str]], str]:
-    text, encoding = _read_text(path)
-    saved = csv.field_size_limit()
-    csv.field_size_limit(_CSV_FIELD_LIMIT)  # long free-text comments; still bounded
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        rows = [r for r in reader if r]  # blank lines are not records
-    except csv.Error as exc:
-        raise UpstreamFormatError(path, f"not a readable CSV near line {reader.line_num}: {exc}") from exc
-    finally:
-        csv.field_size_limit(saved)
-    return rows, encoding
-
-
-def _load_export(folder: Path, source_id: int) -> _Export:
-    csv_path = folder / ANNOTATIONS
-    rows, encoding = _read_csv(csv_path)
-    header = [h.replace("\ufeff", "").strip() for h in rows[0]] if rows else []
-    norm = [_norm(h) for h in header]
-    col: dict[str, int] = {}
-    for i, n in enumerate(norm):
-        col.setdefault(n, i)
-    key = "name" if "name" in col else "image id" if "image id" in col else None
-    missing = []
-    if key is None:
-        missing.append("Name or Image ID")
-    for required in ("row", "column"):
-        if required not in col:
-            missing.append(required.capitalize())
-    if "label id" not in col and "label code" not in col:
-        missing.append("Label ID and/or Label code")
-    if missing:
-        raise UpstreamFormatError(
-            csv_path,
-            "expected a CoralNet annotations export with columns Name or Image ID, Row, Column, "
-            f"Label ID and/or Label code; missing {', '.join(missing)}; "
-            f"found {', '.join(header) or 'no header'}",
+def _unkeyed_detail(scan: ExportScan, line: int, verdict: int, data: bytes) -> tuple[str, str]:
+    cells, bad = parse_record(data, scan.spec.encoding)
+    if verdict == BAD_ENCODING and bad is not None:
+        k, offset, byte = bad
+        return "encoding_error", (
+            f"line {line + k}: byte 0x{byte:02X} at byte {offset + 1} of the line is not "
+            f"{scan.spec.encoding} (if the whole export is in another encoding, say so with "
+            "`encoding:` in its sources.coralnet.exports entry)"
         )
-    assert key is not None
-    row_at = col["row"]
-    metadata = [(header[i], i) for i in range(row_at) if norm[i] not in _KEY_COLUMNS]
-    suggestion_at: dict[int, dict[str, int]] = {}
-    extras: list[tuple[str, int]] = []
-    for i in range(row_at + 1, len(header)):
-        m = _SUGGESTION.match(norm[i])
-        if m:
-            suggestion_at.setdefault(int(m.group(2)), {}).setdefault(m.group(1), i)
-        elif norm[i] not in _POINT_COLUMNS and norm[i] not in _KEY_COLUMNS:
-            extras.append((header[i], i))
-    suggestions = [
-        (slots["suggestion"], slots.get("confidence"))
-        for _k, slots in sorted(suggestion_at.items())
-        if "suggestion" in slots
-    ]
-    width = len(header)
-    data_rows = []
-    for index, cells in enumerate(rows[1:], start=1):
-        data_rows.append(_Row(index, cells + [""] * (width - len(cells)), len(cells) > width))
-    export = _Export(
-        source_id=source_id,
-        folder=folder,
-        csv_path=csv_path,
-        header=header,
-        col=col,
-        key_column=header[col[key]],
-        metadata=metadata,
-        extras=extras,
-        suggestions=suggestions,
-        rows=data_rows,
-        encoding=encoding,
-    )
-    _load_labelset(export, folder / LABELSET)
-    return export
-
-
-def _load_labelset(export: _Export, path: Path) -> None:
-    if not path.exists():
-        return
-    rows, _encoding = _read_csv(path)
-    header = [_norm(h) for h in rows[0]] if rows else []
-    if "label id" not in header or "short code" not in header:
-        raise UpstreamFormatError(
-            path,
-            "expected labelset columns Label ID, Name, Short Code; "
-            f"found {', '.join(rows[0] if rows else []) or 'no header'}",
-        )
-    id_at, code_at = header.index("label id"), header.index("short code")
-    by_code: dict[str, set[str]] = {}
-    for cells in rows[1:]:
-        if max(id_at, code_at) >= len(cells):
-            continue
-        label_id, code = cells[id_at].strip(), cells[code_at].strip()
-        if not label_id or not code:
-            continue
-        by_code.setdefault(code, set()).add(label_id)
-        export.labelset_codes.setdefault(label_id, code)
-    export.labelset_ids = {c: next(iter(ids)) for c, ids in by_code.items() if len(ids) == 1}
-    export.labelset_ambiguous = {c for c, ids in by_code.items() if len(ids) > 1}
-    export.has_labelset = True
-
-
-def _int(text: str) -> int | None:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return int(number) if math.isfinite(number) and number.is_integer() else None
+    if verdict == TOO_WIDE:
+        return "bad_record", f"line {line}: {len(cells)} cells for a {scan.width}-column header"
+    if verdict == LONG_FIELD:
+        long = [
+            (scan.header[i] if i < scan.width else f"cell {i + 1}", len(c))
+            for i, c in enumerate(cells)
+            if len(c) > MAX_FIELD_CHARS
+        ]
+        what = ", ".join(f"{name!r} ({n} characters)" for name, n in long)
+        return "bad_record", f"line {line}: cell {what} over the {MAX_FIELD_CHARS}-character bound"
+    return "bad_record", f"line {line}: empty {scan.key_column}"
 
 
 def _float(text: str | None, bound: float) -> float | None:
@@ -310,111 +196,24 @@ def _captured_at(text: str | None) -> str | None:
         return None
 
 
-def image_sample_id(source_id: int, key: str) -> str:
-    """`coralnet-s<id>-<key slug>`, with a short hash of the key when the slug loses characters."""
-    sample_id = make_sample_id(SOURCE, f"s{source_id}", key)
-    if not _SAFE_KEY.match(key):
-        sample_id += "-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
-    return sample_id
-
-
-def _list_images(folder: Path) -> list[str]:
-    images = folder / "images"
-    if not images.is_dir():
-        return []
-    return sorted(e.name for e in os.scandir(images) if e.is_file())
-
-
-def _by_stem(files: list[str]) -> dict[str, str]:
-    """Image ID -> file name; several files with one stem: jpg, jpeg, png, then others, by name."""
-    groups: dict[str, list[str]] = {}
-    for name in files:
-        stem, dot, _ext = name.rpartition(".")
-        if dot:
-            groups.setdefault(stem, []).append(name)
-
-    def rank(name: str) -> tuple[int, str]:
-        ext = name[name.rfind(".") :].lower()
-        return (_EXT_PREFERENCE.index(ext) if ext in _EXT_PREFERENCE else len(_EXT_PREFERENCE), name)
-
-    return {stem: min(names, key=rank) for stem, names in groups.items()}
-
-
-def _safe_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and not any(ch in name for ch in "/\\\0")
-
-
-@dataclass
-class _Resolved:
-    mapping: Mapping | None
-    reason: str | None = None
-    detail: str = ""
-    decided: bool = False  # picked by the lowest_mapping_id rule
-
-
-class _Crosswalk:
-    """Label ID -> one MERMAID target, per the ambiguity policy, resolved once per label."""
-
-    def __init__(self, taxonomy: Taxonomy, policy: str) -> None:
-        self.taxonomy = taxonomy
-        self.policy = policy
-        self._cache: dict[str, _Resolved] = {}
-        self.ambiguous_labels: set[str] = set()
-        self.decisions: dict[str, str | None] = {}
-        # Label IDs with any labelmapping row, null-attribute rows included, to say which it is.
-        self._listed = set(taxonomy.provider_ids(PROVIDER))
-
-    def resolve(self, label_id: str) -> _Resolved:
-        if label_id not in self._cache:
-            self._cache[label_id] = self._resolve(label_id)
-        return self._cache[label_id]
-
-    def _resolve(self, label_id: str) -> _Resolved:
-        targets = self.taxonomy.mappings(PROVIDER, label_id)
-        if not targets:
-            why = (
-                "only labelmappings with a null benthic attribute"
-                if label_id in self._listed
-                else "no labelmapping"
-            )
-            return _Resolved(None, "unmapped_label", f"CoralNet Label ID {label_id} has {why}")
-        # A target the snapshot lacks is dangling: it is not a candidate, and a label with only
-        # dangling targets is unmapped.
-        known = [t for t in targets if t.benthic_attribute_id in self.taxonomy.attributes]
-        if not known:
-            missing = ", ".join(sorted({t.benthic_attribute_id for t in targets}))
-            return _Resolved(
-                None,
-                "unmapped_label",
-                f"CoralNet Label ID {label_id} maps only to attributes missing from the taxonomy "
-                f"snapshot ({missing})",
-            )
-        if len(known) == 1:
-            return _Resolved(known[0])
-        self.ambiguous_labels.add(label_id)
-        ordered = sorted(known, key=lambda t: mapping_id_key(t.mapping_id))
-        if self.policy == "lowest_mapping_id":
-            self.decisions[label_id] = ordered[0].mapping_id
-            return _Resolved(ordered[0], decided=True)
-        described = "; ".join(
-            f"{t.mapping_id}: {t.benthic_attribute_name}"
-            + (f" / {t.growth_form_name}" if t.growth_form_name else "")
-            for t in ordered
-        )
-        return _Resolved(
-            None,
-            "ambiguous_mapping",
-            f"CoralNet Label ID {label_id} maps to {len(known)} targets ({described})",
-        )
+def _meta(metadata: dict[str, str], name: str) -> str | None:
+    for column, value in metadata.items():
+        if norm(column) == name:
+            return value
+    return None
 
 
 def _growth(value: str | None) -> str | None:
     return None if value is None or value.strip() in ("", "None") else value
 
 
+def _coverage(mapped: int, total: int) -> dict[str, Any]:
+    return {"mapped": mapped, "total": total, "ratio": round(mapped / total, 6) if total else None}
+
+
 def _point_native(
-    export: _Export, row: _Row, point_id: str, r: int, c: int, label_id: str, code: str | None
-) -> dict:
+    scan: ExportScan, cells: list[str], point_id: str, r: int, c: int, label_id: str, code: str | None
+) -> dict[str, Any]:
     native: dict[str, Any] = {"point_id": point_id, "row": r, "col": c, "label_id": label_id}
     if code:
         native["label_code"] = code
@@ -423,358 +222,319 @@ def _point_native(
         ("date_annotated", "date annotated"),
         ("status", "status"),
     ):
-        value = export.cell(row, column)
+        value = scan.cell(cells, column)
         if value != "":
             native[key] = value
     suggestions = []
-    for s_at, c_at in export.suggestions:
-        code_s = row.cells[s_at]
+    for s_at, c_at in scan.suggestions:
+        code_s = cells[s_at]
         if code_s == "":
             continue
-        conf_text = row.cells[c_at] if c_at is not None else ""
-        conf_int = _int(conf_text)
+        conf_text = cells[c_at] if c_at is not None else ""
+        conf_int = parse_int(conf_text)
         suggestions.append(
             {"code": code_s, "confidence": conf_int if conf_int is not None else (conf_text or None)}
         )
     if suggestions:
         native["machine_suggestions"] = suggestions
-    extra = {name: row.cells[i] for name, i in export.extras if row.cells[i] != ""}
+    extra = {name: cells[i] for name, i in scan.extras if cells[i] != ""}
     if extra:
         native["extra"] = extra
     return native
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    rid: str
-    row: int
-    col: int
-    label_id: str | None  # Label ID as a canonical integer string, when the row has one
-    code: str | None
-    annotator: str
-
-    @property
-    def label_key(self) -> str:
-        return self.label_id if self.label_id is not None else f"code {self.code}"
-
-
-def _parse_row(
-    export: _Export, row: _Row, sample_id: str, counts: Counter[str]
-) -> _Parsed | tuple[str, str, str]:
-    """The checks a row fails on its own: a `_Parsed` row, or (record id, reason, detail)."""
-    row_text, col_text = export.cell(row, "row"), export.cell(row, "column")
-    r, c = _int(row_text), _int(col_text)
-    if r is None or c is None:
-        return (
-            f"{sample_id}-row{row.index}",
-            "bad_record",
-            f"Row/Column not integers ({row_text!r}, {col_text!r})",
-        )
-    rid = f"{sample_id}-r{r}-c{c}"
-    annotator = export.cell(row, "annotator").strip()
-    if annotator.casefold() == "robot":
-        counts["robot"] += 1
-        return rid, "unconfirmed_annotation", "Annotator robot: an unconfirmed machine label"
-    if "status" in export.col:
-        status = export.cell(row, "status").strip()
-        if status.casefold() != "confirmed":
-            counts[f"status {status or '(empty)'}"] += 1
-            return rid, "unconfirmed_annotation", f"Status {status!r} is not Confirmed"
-    label_text = export.cell(row, "label id").strip()
-    code = export.cell(row, "label code").strip() or None
-    label_id = _int(label_text)
-    if label_text and label_id is None:
-        return rid, "bad_record", f"Label ID {label_text!r} is not an integer"
-    if label_id is None and code is None:
-        return rid, "bad_record", "confirmed row without Label ID or Label code"
-    return _Parsed(rid, r, c, None if label_id is None else str(label_id), code, annotator)
-
-
-def _target(export: _Export, crosswalk: _Crosswalk, p: _Parsed) -> tuple[str, _Resolved]:
-    """The row's Label ID (from the code through labelset.csv when needed) and its MERMAID target."""
-    if p.label_id is not None:
-        return p.label_id, crosswalk.resolve(p.label_id)
-    if p.code in export.labelset_ids:
-        label_id = export.labelset_ids[p.code]
-        return label_id, crosswalk.resolve(label_id)
-    if p.code in export.labelset_ambiguous:
-        why = "names several Label IDs in labelset.csv"
-    elif export.has_labelset:
-        why = "is not in labelset.csv"
-    else:
-        why = "cannot be resolved: the export has no labelset.csv"
-    return "", _Resolved(None, "unmapped_label", f"Label code {p.code!r} {why}")
-
-
 @dataclass
-class _Run:
-    """What one ingest run accumulates across exports and images."""
+class _Image:
+    """One image's rows judged by the adapter: quarantine rows to yield, candidate points."""
 
-    ctx: IngestContext
-    taxonomy: Taxonomy
-    crosswalk: _Crosswalk
-    tables: Tables = field(default_factory=lambda: Tables(SOURCE))
-    counts: Counter[str] = field(default_factory=Counter)
-    unconfirmed: Counter[str] = field(default_factory=Counter)
-    decided_points: Counter[str] = field(default_factory=Counter)
-    kept_attrs: list[str] = field(default_factory=list)
-    kept_tops: list[str] = field(default_factory=list)
+    rejected: list[Quarantine] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
+    reached: int = 0  # points that reached the crosswalk
 
 
-@dataclass
-class _Plan:
-    """One export with its rows grouped by image key and each key resolved to a file (or a problem)."""
-
-    export: _Export
-    by_key: dict[str, list[_Row]]
-    where: dict[str, Path | ImageProblem]
-    orphans: list[str]  # files in images/ that no key names
-    unkeyed: list[_Row]  # rows with no usable image key
-
-
-def _plan(export: _Export) -> _Plan:
-    by_key: dict[str, list[_Row]] = {}
-    unkeyed: list[_Row] = []
-    key_column = _norm(export.key_column)
-    for row in export.rows:
-        key = export.cell(row, key_column)
-        if key.strip() and not row.too_long:
-            by_key.setdefault(key, []).append(row)
-        else:
-            unkeyed.append(row)
-    files = _list_images(export.folder)
-    by_id = key_column == "image id"
-    stems = _by_stem(files) if by_id else {}
-    where: dict[str, Path | ImageProblem] = {}
-    for key in sorted(by_key):
-        if by_id and not _SAFE_KEY.match(key):
-            where[key] = ImageProblem("bad_record", f"Image ID {key!r} is not a plain id")
-        elif by_id:
-            found = stems.get(key)
-            where[key] = (
-                export.folder / "images" / found
-                if found
-                else ImageProblem("missing_image", f"no images/{key}.<ext> file")
-            )
-        elif not _safe_name(key):
-            where[key] = ImageProblem("bad_record", f"Name {key!r} would name a path outside images/")
-        else:
-            where[key] = export.folder / "images" / key
-    claimed = {p.name for p in where.values() if isinstance(p, Path)}
-    return _Plan(export, by_key, where, [f for f in files if f not in claimed], unkeyed)
-
-
-def _ingest_image(
-    run: _Run, export: _Export, key: str, rows: list[_Row], probe: ImageInfo | ImageProblem, image_rel: str
-) -> int:
-    """Points and sample of one image; returns how many points reached the crosswalk."""
-    tables, ctx = run.tables, run.ctx
-    csv_rel = ctx.rel(export.csv_path)
-    sample_id = image_sample_id(export.source_id, key)
-    problem = probe if isinstance(probe, ImageProblem) else None
-    info = probe if isinstance(probe, ImageInfo) else None
-    if problem is not None:
-        tables.reject("image", f"{export.name}/{key}", image_rel, problem.reason, problem.detail)
-
-    kept: list[dict[str, Any]] = []
-    natives: list[dict[str, Any]] = []
-    first_at: dict[tuple[int, int], _Parsed] = {}
+def _judge_rows(
+    scan: ExportScan,
+    rows: list[tuple[int, int, list[str]]],
+    sample_id: str,
+    csv_rel: str,
+    crosswalk: Crosswalk,
+    stats: _Stats,
+) -> _Image:
+    image = _Image()
+    first_at: dict[tuple[int, int], tuple[str, str]] = {}
     repeats: Counter[tuple[int, int]] = Counter()
-    reached = 0
-    for row in rows:
-        parsed = _parse_row(export, row, sample_id, run.unconfirmed)
-        if isinstance(parsed, tuple):
-            rid, reason, detail = parsed
-            tables.reject("annotation_row", rid, csv_rel, reason, detail)
+    code_column = "label code" if "label code" in scan.col else "label"
+
+    def reject(record_id: str, reason: str, detail: str) -> None:
+        image.rejected.append(Quarantine("point", record_id, csv_rel, reason, detail))
+
+    for line, verdict, cells in rows:
+        row_text, col_text = scan.cell(cells, "row"), scan.cell(cells, "column")
+        if verdict == BAD_ROWCOL:
+            reject(
+                f"{sample_id}-line{line}",
+                "bad_record",
+                f"line {line}: Row/Column not integers ({row_text!r}, {col_text!r})",
+            )
             continue
-        p = parsed
-        if info is None:
-            assert problem is not None  # no ImageInfo means the probe returned a problem
-            detail = f"image {export.name} {export.key_column} {key!r}: {problem.reason}"
-            if problem.detail:
-                detail += f" ({problem.detail})"
-            tables.reject("annotation_row", p.rid, csv_rel, "image_unusable", detail)
+        r, c = parse_int(row_text), parse_int(col_text)
+        assert r is not None and c is not None  # pass 1 said so
+        rid = f"{sample_id}-r{r}-c{c}"
+        annotator = scan.cell(cells, "annotator").strip()
+        if annotator.casefold() == "robot":
+            stats.unconfirmed["robot"] += 1
+            reject(
+                rid, "unconfirmed_annotation", f"line {line}: Annotator robot: an unconfirmed machine label"
+            )
             continue
-        if not (0 <= p.row < info.height and 0 <= p.col < info.width):
-            detail = f"(row, col) = ({p.row}, {p.col}) outside {info.width}x{info.height} image {key}"
-            tables.reject("annotation_row", p.rid, csv_rel, "point_outside_image", detail)
+        if "status" in scan.col:
+            status = scan.cell(cells, "status").strip()
+            if status.casefold() != "confirmed":
+                stats.unconfirmed[f"status {status or '(empty)'}"] += 1
+                reject(rid, "unconfirmed_annotation", f"line {line}: Status {status!r} is not Confirmed")
+                continue
+        label_text = scan.cell(cells, "label id").strip()
+        code = nfc(scan.cell(cells, code_column).strip()) or None
+        label_int = parse_int(label_text)
+        if label_text and label_int is None:
+            reject(rid, "bad_record", f"line {line}: Label ID {label_text!r} is not an integer")
             continue
-        first = first_at.get((p.row, p.col))
+        if label_int is None and code is None:
+            reject(rid, "bad_record", f"line {line}: a confirmed row without a label")
+            continue
+        label_key = str(label_int) if label_int is not None else f"code {code}"
+        first = first_at.get((r, c))
         if first is not None:
-            repeats[(p.row, p.col)] += 1
-            same = first.label_key == p.label_key
-            run.counts["duplicate_same_label" if same else "duplicate_different_label"] += 1
+            repeats[(r, c)] += 1
+            same = first[1] == label_key
+            stats.counts["duplicate_same_label" if same else "duplicate_different_label"] += 1
             detail = (
-                f"(row, col) = ({p.row}, {p.col}) already annotated in {key} (kept {first.rid}, label "
-                f"{first.label_key}); "
-                + ("same label" if same else f"different label: this row {p.label_key}")
+                f"line {line}: (row, col) = ({r}, {c}) already annotated "
+                f"(kept {first[0]}, label {first[1]}); "
+                + ("same label" if same else f"different label: this row {label_key}")
             )
-            tables.reject(
-                "annotation_row", f"{p.rid}-dup{repeats[(p.row, p.col)]}", csv_rel, "duplicate_point", detail
-            )
+            reject(f"{rid}-dup{repeats[(r, c)]}", "duplicate_point", detail)
             continue
-        first_at[(p.row, p.col)] = p
-        reached += 1
-        label_id, resolved = _target(export, run.crosswalk, p)
+        first_at[(r, c)] = (rid, label_key)
+        image.reached += 1
+        if label_int is not None:
+            label_id = str(label_int)
+        else:
+            assert code is not None
+            resolved_id, why = scan.labelset.resolve(code)
+            if resolved_id is None:
+                reject(rid, "unmapped_label", f"line {line}: Label code {code!r} {why}")
+                continue
+            label_id = resolved_id
+        resolved = crosswalk.resolve(label_id)
         if resolved.mapping is None:
             assert resolved.reason is not None
-            tables.reject("annotation_row", p.rid, csv_rel, resolved.reason, resolved.detail)
+            reject(rid, resolved.reason, f"line {line}: {resolved.detail}")
             continue
         if resolved.decided:
-            run.decided_points[label_id] += 1
-        if p.annotator.casefold() == "imported":
-            run.counts["imported_rows_kept"] += 1
+            stats.decided_points[label_id] += 1
+        if annotator.casefold() == "imported":
+            stats.counts["imported_rows_kept"] += 1
         m = resolved.mapping
-        top = run.taxonomy.top_level(m.benthic_attribute_id)
-        code = p.code or export.labelset_codes.get(label_id)
-        point = {
-            "point_id": p.rid,
-            "sample_id": sample_id,
-            "row": p.row,
-            "col": p.col,
-            "source_label_id": label_id,
-            "source_label": code,
-            "benthic_attribute_id": m.benthic_attribute_id,
-            "benthic_attribute_name": run.taxonomy.attributes[m.benthic_attribute_id]["name"],
-            "growth_form_id": _growth(m.growth_form_id),
-            "growth_form_name": _growth(m.growth_form_name),
-            "top_level_category": top,
-        }
-        tables.add_point(point)
-        kept.append(point)
-        run.kept_attrs.append(point["benthic_attribute_name"])
-        run.kept_tops.append(top)
-        natives.append(_point_native(export, row, p.rid, p.row, p.col, label_id, code))
-    if info is None:
-        return reached
+        taxonomy = crosswalk.taxonomy
+        code = code or scan.labelset.codes.get(label_id)
+        image.points.append(
+            Point(
+                point_id=rid,
+                row=r,
+                col=c,
+                record_id=rid,
+                labels={
+                    "source_label_id": label_id,
+                    "source_label": code,
+                    "benthic_attribute_id": m.benthic_attribute_id,
+                    "benthic_attribute_name": taxonomy.attributes[m.benthic_attribute_id]["name"],
+                    "growth_form_id": _growth(m.growth_form_id),
+                    "growth_form_name": _growth(m.growth_form_name),
+                    "top_level_category": taxonomy.top_level(m.benthic_attribute_id),
+                },
+                native=_point_native(scan, cells, rid, r, c, label_id, code),
+            )
+        )
+    return image
 
-    head = rows[0]
-    metadata = {name: head.cells[i] for name, i in export.metadata if head.cells[i] != ""}
-    conflicts = sorted({name for name, i in export.metadata for row in rows if row.cells[i] != head.cells[i]})
-    image_cells = {
-        h: head.cells[i] for i, h in enumerate(export.header) if _norm(h) in _KEY_COLUMNS and head.cells[i]
-    }
-    native: dict[str, Any] = {
-        "export": export.name,
-        "image": image_cells,
-        "metadata": metadata,
-        "points": natives,
-    }
+
+def _image_columns(
+    ctx: IngestContext, scan: ExportScan, rows: list[tuple[int, int, list[str]]]
+) -> dict[str, Any]:
+    head = rows[0][2]
+    metadata = {name: head[i] for name, i in scan.metadata if head[i] != ""}
+    conflicts = sorted({name for name, i in scan.metadata for _l, _v, cells in rows if cells[i] != head[i]})
+    image_cells = {h: head[i] for i, h in enumerate(scan.header) if norm(h) in KEY_COLUMNS and head[i]}
+    native: dict[str, Any] = {"export": scan.name, "image": image_cells, "metadata": metadata}
     if conflicts:
         native["metadata_conflicts"] = conflicts
     lat = _float(_meta(metadata, "latitude"), 90.0)
     lon = _float(_meta(metadata, "longitude"), 180.0)
     both = lat is not None and lon is not None
+    site_values = [head[i] for i in scan.site_at]
     params = ctx.source_params
-    tables.add_sample(
+    return {
+        "captured_at": _captured_at(_meta(metadata, "date")),
+        "lat": lat if both else None,
+        "lon": lon if both else None,
+        "site": "/".join([scan.name, *site_values]) if any(v.strip() for v in site_values) else None,
+        "license": params.get("license"),
+        "attribution": params.get("attribution"),
+        "native_labels": native,
+    }
+
+
+def _export_records(
+    ctx: IngestContext, report: Report, scan: ExportScan, crosswalk: Crosswalk, stats: _Stats
+) -> Iterator[Record]:
+    raw_rel = ctx.rel(ctx.raw_dir)
+    export_rel = f"{raw_rel}/{scan.name}"
+    csv_rel = f"{export_rel}/{ANNOTATIONS}"
+    keys = np.frombuffer(scan.key_ix, dtype=np.int32) if len(scan.key_ix) else np.zeros(0, np.int32)
+    report.inputs["point"] += len(keys)
+
+    unreferenced = scan.unreferenced
+    report.inputs["image"] += len(scan.keys) + len(unreferenced)
+    report.inputs["file"] += len(scan.other_files)
+
+    with open(scan.csv_path, "rb") as fh:
+        for i in np.flatnonzero(keys < 0):
+            line, verdict = scan.line[i], scan.verdict[i]
+            fh.seek(scan.start[i])
+            reason, detail = _unkeyed_detail(scan, line, verdict, fh.read(scan.length[i]))
+            yield Quarantine("point", f"{scan.name}/line{line}", csv_rel, reason, detail)
+        for name in unreferenced:
+            yield Quarantine(
+                "image",
+                f"{scan.name}/{name}",
+                f"{export_rel}/{IMAGES}/{name}",
+                "no_annotation",
+                f"no {ANNOTATIONS} row names it",
+            )
+        for rel in scan.other_files:
+            yield Quarantine(
+                "file",
+                f"{scan.name}/{rel}",
+                f"{export_rel}/{rel}",
+                "unreferenced_file",
+                "no record of the export uses this file"
+                + (" (a symbolic link)" if (scan.folder / rel).is_symlink() else ""),
+            )
+
+        order = np.argsort(keys, kind="stable")
+        keyed = order[int(np.count_nonzero(keys < 0)) :]
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(keys[keyed], minlength=len(scan.keys)))])
+        reader = _Rows(scan, fh)
+        mapped = reached = 0
+        for sample_id, k in sorted(
+            (make_sample_id(SOURCE, scan.name, key), k) for k, key in enumerate(scan.keys)
+        ):
+            key = scan.keys[k]
+            rows = reader.read(keyed[bounds[k] : bounds[k + 1]])
+            image = _judge_rows(scan, rows, sample_id, csv_rel, crosswalk, stats)
+            yield from image.rejected
+            reached += image.reached
+            mapped += len(image.points)
+            upstream_id = f"{scan.name}/{key}"
+            target = scan.where[k]
+            if isinstance(target, tuple):
+                reason, detail = target
+                yield Quarantine("image", upstream_id, csv_rel, reason, detail)
+                for p in image.points:
+                    yield Quarantine(
+                        "point",
+                        p.record_id,
+                        csv_rel,
+                        "image_unusable",
+                        f"image {upstream_id}: {reason} ({detail})",
+                    )
+                continue
+            path = scan.folder / IMAGES / target
+            image_rel = f"{export_rel}/{IMAGES}/{target}"
+            yield Sample(
+                sample_id=sample_id,
+                upstream_id=upstream_id,
+                work=image_work(ctx, path),
+                columns={"image_path": image_rel, **_image_columns(ctx, scan, rows)},
+                file=image_rel,
+                points=image.points,
+                points_file=csv_rel,
+                native_points_key="points",
+            )
+    stat = scan.csv_path.stat()
+    if (stat.st_size, stat.st_mtime_ns) != scan.stat:
+        raise TidepoolError(f"{scan.csv_path}: changed while it was being read; run the ingest again")
+    stats.exports[scan.name] = {
+        "annotations": csv_rel,
+        "labelset": f"{export_rel}/{scan.labelset.path.name}" if scan.labelset.path else None,
+        "labelset_rows": scan.labelset.rows,
+        "key_column": scan.key_column,
+        "label_columns": [h for h in scan.header if norm(h) in ("label id", "label code", "label")],
+        "encoding": scan.spec.encoding,
+        "rows": len(keys),
+        "physical_lines": scan.csv.physical_lines,
+        "blank_lines": scan.csv.blank_lines,
+        "multiline_records": scan.csv.multiline_records,
+        "images": len(scan.keys),
+        "unreferenced_files": len(unreferenced) + len(scan.other_files),
+        "site_columns": [scan.header[i] for i in scan.site_at],
+        "site_columns_missing": scan.site_missing,
+        "crosswalk": _coverage(mapped, reached),
+    }
+
+
+def records(ctx: IngestContext, report: Report) -> Iterator[Record]:
+    policy = ingest_choice(ctx.params, "ambiguous_mapping", POLICIES)
+    on_bad_export = ingest_choice(ctx.params, "on_bad_export", ON_BAD_EXPORT)
+    specs = export_specs(ctx.source_params)
+    taxonomy = Taxonomy.load(ctx.taxonomy_dir)
+    crosswalk = Crosswalk(taxonomy, policy)
+    stats = _Stats()
+    for spec in specs:
+        report.inputs["export"] += 1
+        try:
+            scan = scan_export(ctx, spec)
+        except UpstreamFormatError as exc:
+            if on_bad_export == "fail":
+                raise UpstreamFormatError(
+                    exc.path,
+                    f"CoralNet export {spec.name}: {exc.problem} (to ingest the other exports without it, "
+                    "set ingest.on_bad_export: quarantine)",
+                ) from exc
+            try:
+                file = ctx.rel(Path(exc.path))
+            except ValueError:
+                file = f"{ctx.rel(ctx.raw_dir)}/{spec.name}"
+            stats.bad_exports[spec.name] = f"{file}: {exc.problem}"  # repo-relative: metrics are stable
+            yield Quarantine("export", spec.name, file, "bad_export", exc.problem)
+            continue
+        report.read["export"] += 1
+        yield from _export_records(ctx, report, scan, crosswalk, stats)
+
+    report.extra.update(
         {
-            "sample_id": sample_id,
-            "upstream_id": f"{export.name}/{key}",
-            "image_path": image_rel,
-            "image_format": info.format,
-            **sample_info_columns(info),
-            "captured_at": _captured_at(_meta(metadata, "date")),
-            "lat": lat if both else None,
-            "lon": lon if both else None,
-            "license": params.get("license"),
-            "attribution": params.get("attribution"),
-            "native_labels": dumps_labels(native),
-            "labels": dumps_labels(point_cover_labels(kept)),
-            "n_points": len(kept),
+            "exports": dict(sorted(stats.exports.items())),
+            "bad_exports": dict(sorted(stats.bad_exports.items())),
+            "crosswalk": _coverage(
+                sum(e["crosswalk"]["mapped"] for e in stats.exports.values()),
+                sum(e["crosswalk"]["total"] for e in stats.exports.values()),
+            ),
+            "unconfirmed": dict(sorted(stats.unconfirmed.items())),
+            "imported_rows_kept": stats.counts["imported_rows_kept"],
+            "duplicates": {
+                "same_label": stats.counts["duplicate_same_label"],
+                "different_label": stats.counts["duplicate_different_label"],
+            },
+            "ambiguous_mapping": {
+                "policy": policy,
+                "rule": LOWEST_RULE
+                if policy == "lowest_mapping_id"
+                else "quarantine every point of the label",
+                "labels": len(crosswalk.ambiguous_labels),
+                "labels_decided": len(crosswalk.decisions),
+                "points_decided": sum(stats.decided_points.values()),
+                "decisions": dict(sorted(crosswalk.decisions.items())),
+            },
         }
     )
-    return reached
-
-
-def ingest(ctx: IngestContext) -> tuple[Tables, dict[str, Any]]:
-    policy = str((ctx.params.get("ingest") or {}).get("ambiguous_mapping", "quarantine"))
-    if policy not in POLICIES:
-        raise ConfigError(
-            f"params.yaml: ingest.ambiguous_mapping must be one of {', '.join(POLICIES)}, not {policy!r}"
-        )
-    taxonomy = Taxonomy.load(ctx.taxonomy_dir)
-    run = _Run(ctx, taxonomy, _Crosswalk(taxonomy, policy))
-    tables = run.tables
-    plans = [_plan(_load_export(ctx.raw_dir / f"s{sid}", sid)) for sid in _exports(ctx.source_params)]
-
-    # Every image of every export in one parallel pass.
-    to_probe = [str(p) for plan in plans for p in plan.where.values() if isinstance(p, Path)]
-    probes = probe_images(to_probe, ctx.max_pixels, ctx.jobs, ctx.scheduler, desc="coralnet images")
-
-    inputs_by_export: dict[str, dict[str, int]] = {}
-    crosswalk_by_export: dict[str, dict[str, Any]] = {}
-    with bar(
-        total=sum(len(plan.export.rows) for plan in plans), desc="coralnet rows", unit="row"
-    ) as progress:
-        for plan in plans:
-            export = plan.export
-            csv_rel = ctx.rel(export.csv_path)
-            inputs_by_export[export.name] = {
-                "images": len(plan.by_key) + len(plan.orphans),
-                "annotation_rows": len(export.rows),
-            }
-            for name in plan.orphans:
-                path = ctx.rel(export.folder / "images" / name)
-                tables.reject(
-                    "image", f"{export.name}/{name}", path, "no_annotation", "no annotations.csv row names it"
-                )
-            for row in plan.unkeyed:
-                why = (
-                    f"{len(row.cells)} cells for a {len(export.header)}-column header"
-                    if row.too_long
-                    else f"empty {export.key_column}"
-                )
-                tables.reject("annotation_row", f"{export.name}/row{row.index}", csv_rel, "bad_record", why)
-            progress.update(len(plan.unkeyed))
-            points_before = len(tables.points)
-            reached = 0
-            for key in sorted(plan.by_key):
-                target = plan.where[key]
-                if isinstance(target, Path):
-                    probe, image_rel = probes[str(target)], ctx.rel(target)
-                else:
-                    probe, image_rel = target, csv_rel  # no file to name: the record is the CSV's key
-                reached += _ingest_image(run, export, key, plan.by_key[key], probe, image_rel)
-                progress.update(len(plan.by_key[key]))
-            crosswalk_by_export[export.name] = _coverage(len(tables.points) - points_before, reached)
-
-    ambiguous = run.crosswalk
-    extra: dict[str, Any] = {
-        "inputs": {
-            kind: sum(v[kind] for v in inputs_by_export.values()) for kind in ("images", "annotation_rows")
-        },
-        "inputs_by_export": inputs_by_export,
-        "encoding_by_export": {plan.export.name: plan.export.encoding for plan in plans},
-        "crosswalk": _coverage(len(tables.points), sum(v["total"] for v in crosswalk_by_export.values())),
-        "crosswalk_by_export": crosswalk_by_export,
-        "classes": {
-            "benthic_attribute": class_counts(run.kept_attrs),
-            "top_level_category": class_counts(run.kept_tops),
-        },
-        "unconfirmed": dict(sorted(run.unconfirmed.items())),
-        "imported_rows_kept": run.counts["imported_rows_kept"],
-        "duplicates": {
-            "same_label": run.counts["duplicate_same_label"],
-            "different_label": run.counts["duplicate_different_label"],
-        },
-        "ambiguous_mapping": {
-            "policy": policy,
-            "rule": LOWEST_RULE if policy == "lowest_mapping_id" else "quarantine every point of the label",
-            "labels": len(ambiguous.ambiguous_labels),
-            "labels_decided": len(ambiguous.decisions),
-            "points_decided": sum(run.decided_points.values()),
-            "decisions": dict(sorted(ambiguous.decisions.items())),
-        },
-    }
-    return tables, extra
-
-
-def _meta(metadata: dict[str, str], name: str) -> str | None:
-    for column, value in metadata.items():
-        if _norm(column) == name:
-            return value
-    return None
-
-
-def _coverage(mapped: int, total: int) -> dict[str, Any]:
-    return {"mapped": mapped, "total": total, "ratio": round(mapped / total, 6) if total else None}

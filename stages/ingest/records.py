@@ -16,8 +16,10 @@ the image when it is unusable (and its points as `image_unusable`), points outsi
 of point samples, writing the tables in record batches and the bookkeeping
 `inputs = samples/points + quarantine rows`, per record kind.
 
-`report.inputs[kind]` counts the adapter's input records per `record_kind`; `report.extra` holds
-source-specific metrics. Quarantine rows, samples and points are counted by the runner.
+`report.inputs[kind]` counts the adapter's input records per `record_kind`; `report.read[kind]` those
+of them that are containers read into other records (a CoralNet export: read, or one quarantine
+row); `report.extra` holds source-specific metrics. Quarantine rows, samples and points are counted by
+the runner.
 """
 
 from __future__ import annotations
@@ -118,6 +120,9 @@ class Report:
     """What an adapter tells the runner besides its records."""
 
     inputs: Counter[str] = field(default_factory=Counter)  # input records per record_kind
+    # Input records read into other records rather than kept as rows (a CoralNet export into its
+    # annotation rows): each one is either read (counted here) or quarantined whole.
+    read: Counter[str] = field(default_factory=Counter)
     extra: dict[str, Any] = field(default_factory=dict)  # source-specific metrics
     # Files under out_dir besides the tables (e.g. a class list), by name relative to it: written
     # by the runner once the records are done, and kept by its cleanup of stale files.

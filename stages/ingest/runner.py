@@ -20,8 +20,9 @@ all sources:
 - the three tables, streamed to parquet in fixed row groups (`fsutil.ParquetStream`): samples in
   sample_id order (the adapter yields them so; checked), points grouped by sample in that order and
   sorted by (row, col, point_id) within it, quarantine rows in the order they arose;
-- accounting: for every record kind, inputs (`report.inputs`) == rows it ended as (samples, points)
-  + quarantine rows of that kind, or the stage fails (a bug, not bad input);
+- accounting: for every record kind, inputs (`report.inputs`) == rows it ended as (samples, points,
+  or containers read: `report.read`) + quarantine rows of that kind, or the stage fails (a bug,
+  not bad input);
 - metrics: counts, quarantine by reason, classes counted from the written points table with a
   pyarrow group-by, plus the adapter's `report.extra` (completed by its `report.on_finish` hooks,
   which run once every sample is finished); the adapter's `report.files` are written beside the
@@ -441,11 +442,12 @@ def run(ctx: IngestContext, adapter: ModuleType) -> dict[str, Any]:
     _check_point_ids(state)
     stale = _clean_stale(out_dir, state.written_files)
 
-    kinds = set(report.inputs) | set(state.produced) | set(state.quarantined)
+    kept = state.produced + report.read  # a container read into its records counts as kept
+    kinds = set(report.inputs) | set(kept) | set(state.quarantined)
     wrong = {
-        k: (report.inputs.get(k, 0), state.produced.get(k, 0), state.quarantined.get(k, 0))
+        k: (report.inputs.get(k, 0), kept.get(k, 0), state.quarantined.get(k, 0))
         for k in sorted(kinds)
-        if report.inputs.get(k, 0) != state.produced.get(k, 0) + state.quarantined.get(k, 0)
+        if report.inputs.get(k, 0) != kept.get(k, 0) + state.quarantined.get(k, 0)
     }
     if wrong:
         detail = "; ".join(f"{k}: {i} inputs != {p} kept + {q} quarantined" for k, (i, p, q) in wrong.items())

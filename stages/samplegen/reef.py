@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import math
+import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -81,6 +82,17 @@ CORALNET_EXPORT_COLUMNS = [
 # the Status column whose non-Confirmed rows are not training data).
 CORALNET_BUCKET_COLUMNS = ["Image ID", "Row", "Column", "Label ID", "Status"]
 CORALNET_LABELSET_COLUMNS = ["Label ID", "Name", "Short Code"]
+# A local export as CoralNet-Toolbox writes one (its Data/Sample): the annotations CSV under another
+# name, the legacy `Label` header (the short code; CoralNet's own exports before December 2024),
+# images in a sub-folder, the toolbox's own label list beside them, and a labelset saved by pandas
+# with its index column under another name.
+TOOLBOX_SOURCE_ID = 3120  # the params.yaml export generated in this layout (location: local)
+TOOLBOX_BASE_IMAGES = 20
+TOOLBOX_ANNOTATIONS = "CoralNet_Annotations.csv"
+TOOLBOX_COLUMNS = ["Name", "Row", "Column", "Label", "Long Label", "Patch Size"]
+TOOLBOX_IMAGE_DIR = "D3"
+TOOLBOX_LABELSET = "label_set.csv"
+TOOLBOX_LABELSET_COLUMNS = ["", "Short Code", "Label ID"]  # pandas DataFrame.to_csv() with its index
 
 # ---------------------------------------------------------------------------------------------
 # Taxonomy (scale-independent)
@@ -499,6 +511,11 @@ def _csv_text(header: list[str], rows: Iterable[list[Any]], lineterminator: str)
     return buf.getvalue()
 
 
+def _csv_line(cells: list[Any]) -> str:
+    # The toolbox writes with pandas: "\n" row ends, minimal quoting.
+    return _csv_text(cells, [], "\n")
+
+
 def _featurevector(key: str) -> bytes:
     # pyspacer feature files are never read by the pipeline; a small deterministic blob stands in.
     header = b"placeholder pyspacer feature vector, not read by tidepool\n"
@@ -830,10 +847,12 @@ def _cn_meta(
 def _cn_image(source_id: int, idx_key: str, flavour: str, *, pk: int, name: str, ext: str,
               case: str = "", size: tuple[int, int] | None = None, fmt: str = "jpeg",
               mode: str | None = None, force_multiline: bool = False,
-              suggestions: bool | None = None) -> _CNImage:
+              suggestions: bool | None = None, n_points: int | None = None,
+              image_dir: str = "images") -> _CNImage:
     rng = rng_for("reef", "coralnet", source_id, "image", idx_key)
     h, w = size or _image_size(rng)
-    n = int(rng.integers(*CORALNET_POINTS_RANGE))
+    n = int(rng.integers(*CORALNET_POINTS_RANGE))  # drawn even when overridden: later draws stay put
+    n = n_points or n
     if mode is None:
         mode = ["confirmed", "partial", "robot", "imported"][_pick(rng, [80, 8, 7, 5])]
     day = datetime(2016, 1, 1, tzinfo=UTC) + timedelta(days=int(rng.integers(0, 2500)))
@@ -847,7 +866,7 @@ def _cn_image(source_id: int, idx_key: str, flavour: str, *, pk: int, name: str,
     meta_rng = rng_for("reef", "coralnet", source_id, "meta", idx_key)
     meta = _cn_meta(meta_rng, _SITES_CARIBBEAN, day, force_multiline)
     file_name = name if ext == "" else f"{pk}{ext}"
-    return _CNImage(pk, name, f"images/{file_name}", h, w, f"reef/coralnet/s{source_id}/{idx_key}", fmt,
+    return _CNImage(pk, name, f"{image_dir}/{file_name}", h, w, f"reef/coralnet/s{source_id}/{idx_key}", fmt,
                     points, meta, case)
 
 
@@ -903,8 +922,13 @@ def _generate_bucket_source(
     # Half confirmed, half machine-labelled: Status rows other than Confirmed at every scale.
     mixed = _cn_image(source_id, "planted-status-mix", flavour, pk=base_pk - 4, name="", ext=".jpg",
                       case="status_mix", mode="partial")
+    # Points placed for a 1200x1600 image on a 480x640 upload (an export paired with another size
+    # of the image): most fall outside, so the whole image is a geometry mismatch.
+    mismatch = _cn_image(source_id, "planted-geometry-mismatch", flavour, pk=base_pk - 5, name="", ext=".jpg",
+                         case="geometry_mismatch", size=(1200, 1600), mode="confirmed")
+    mismatch.height, mismatch.width = 480, 640
     planted_counts = _plant_labels(labelled)
-    images = [mixed, png, empty, labelled, *images]
+    images = [mismatch, mixed, png, empty, labelled, *images]
 
     status_counts: Counter[str] = Counter()
     mixed_counts: Counter[str] = Counter()
@@ -948,6 +972,12 @@ def _generate_bucket_source(
         "png_image": case(png),
         "planted_labels": case(labelled, rows_by_label_id=planted_counts),
         "status_mix": case(mixed, status_counts=dict(sorted(mixed_counts.items()))),
+        "geometry_mismatch": case(
+            mismatch, height=mismatch.height, width=mismatch.width,
+            outside=sum(1 for p in mismatch.points
+                        if not (p.row < mismatch.height and p.col < mismatch.width)),
+            note="points placed for a 1200x1600 image; the JPEG is 480x640",
+        ),
     }
     return info, _cn_jobs(root, images)
 
@@ -970,9 +1000,11 @@ def _generate_local_source(out: Path, source_id: int, scale: float) -> tuple[dic
                      case="duplicate_points", mode="confirmed", force_multiline=True)
     labelled = _cn_image(source_id, "planted-labels", flavour, pk=base_pk - 2, name="DSC_4412.JPG", ext="",
                          case="planted_labels", mode="confirmed")
+    # 64 points, 3 of them pushed off the image: 4.7%, under ingest.max_outside_share, so only those
+    # three are quarantined (the image stays a sample).
     outside = _cn_image(source_id, "planted-points-outside", flavour, pk=base_pk - 1,
                         name="Transect 3 Q12.jpg", ext="", case="points_outside", size=(600, 800),
-                        mode="confirmed")
+                        mode="confirmed", n_points=64)
     # Robot (unconfirmed) and Imported rows at every scale; the imported image has no suggestions.
     robot = _cn_image(source_id, "planted-robot", flavour, pk=base_pk - 5, name="DSC_4413.JPG", ext="",
                       case="robot_rows", mode="partial")
@@ -1061,6 +1093,86 @@ def _generate_local_source(out: Path, source_id: int, scale: float) -> tuple[dic
     return info, _cn_jobs(root, images)
 
 
+def _generate_toolbox_source(out: Path, source_id: int, scale: float) -> tuple[dict, list[ImageJob]]:
+    """A local export in CoralNet-Toolbox's layout (TOOLBOX_* above), keyed by Name, all confirmed."""
+    rel_root = f"coralnet/s{source_id}/"
+    root = out / rel_root
+    flavour = "caribbean"
+    folder = TOOLBOX_IMAGE_DIR
+    n = scaled_count(TOOLBOX_BASE_IMAGES, scale)
+
+    def image(key: str, name: str, pk: int, **kw: Any) -> _CNImage:
+        return _cn_image(source_id, key, flavour, pk=pk, name=name, ext="", mode="confirmed",
+                         image_dir=folder, **kw)
+
+    base_pk = 3_500_000 + 10 * source_id
+    images = [image(f"img{i:06d}", f"T_S{10_000 + i:05d}.jpg", base_pk + i) for i in range(n)]
+    # One row's Long Label was typed in a latin-1 tool: one stray byte, the rest of the file is UTF-8.
+    stray = image("planted-stray-byte", "T_S00101.jpg", base_pk - 1, case="encoding_error")
+    # Codes the labelset does not have: the toolbox's own "Review" placeholder.
+    review = image("planted-review-code", "T_S00102.jpg", base_pk - 2, case="unmapped_code")
+    # Name is NFD in the CSV (as typed on macOS), the file NFC on disk: one image, compared in NFC.
+    nfd_name = unicodedata.normalize("NFD", "Récif_Q1.jpg")
+    nfd = image("planted-nfd-name", nfd_name, base_pk - 3, case="nfd_name")
+    nfd.file = f"{folder}/{unicodedata.normalize('NFC', nfd_name)}"
+    # A Name whose path is a folder (holding a preview image) instead of an image file.
+    folder_case = image("planted-folder-as-image", "T_S00104.jpg", base_pk - 4, case="folder_as_image")
+    folder_case.file = f"{folder}/T_S00104.jpg/preview.jpg"
+    planted_images = [stray, review, nfd, folder_case]
+    review_rows = 3
+    for point in review.points[:review_rows]:
+        point.label = None  # written as the code "Review" below
+    images = sorted([*images, *planted_images], key=lambda im: im.name)
+    # A file in a sub-folder of the image folder that no row names.
+    extra = image("planted-unreferenced", "T_S09999.jpg", base_pk - 5)
+    extra.file = f"{folder}/extra/T_S09999.jpg"
+
+    lines = [_csv_line(TOOLBOX_COLUMNS).encode("utf-8")]
+    stray_line = 0
+    for img in images:
+        for k, p in enumerate(img.points):
+            code, long = ("Review", "Review") if p.label is None else (p.label.code, p.label.name)
+            if img is stray and k == 1:
+                stray_line = len(lines) + 1  # physical line: the header is line 1
+                cells = [img.name, p.row, p.col, code, f"{long} encroûtante", 112]
+                lines.append(_csv_line(cells).encode("latin-1"))
+            else:
+                lines.append(_csv_line([img.name, p.row, p.col, code, long, 112]).encode("utf-8"))
+    write_bytes(root / TOOLBOX_ANNOTATIONS, b"".join(lines))
+    labels = sorted((lab for lab in _labelset(flavour)), key=lambda x: x.label_id)
+    write_text(root / TOOLBOX_LABELSET, _csv_text(
+        TOOLBOX_LABELSET_COLUMNS, [[k, lab.code, lab.label_id] for k, lab in enumerate(labels)], "\n"))
+    toolbox_labels = [{"id": "-1", "short_label_code": "Review", "long_label_code": "Review",
+                       "color": [255, 255, 255, 255]}]
+    toolbox_labels += [{"id": deterministic_uuid("toolbox", "label", lab.code), "short_label_code": lab.code,
+                        "long_label_code": lab.name, "color": [0, 0, 0, 255]} for lab in labels]
+    write_json(root / "Labels.json", toolbox_labels)
+
+    def case(img: _CNImage, **extra_fields: Any) -> dict:
+        return {"name": img.name, "file": f"{rel_root}{img.file}", "rows": len(img.points), **extra_fields}
+
+    info = {
+        "location": "local",
+        "root": rel_root,
+        "layout": "coralnet-toolbox",
+        "annotations": TOOLBOX_ANNOTATIONS,
+        "image_dir": folder,
+        "labelset": TOOLBOX_LABELSET,
+        "image_key": "Name",
+        "columns": TOOLBOX_COLUMNS,
+        "images": len(images),
+        "regular_images": n,
+        "rows": sum(len(im.points) for im in images),
+        "encoding_error": case(stray, line=stray_line, byte=0xFB),
+        "unmapped_code": case(review, code="Review", code_rows=review_rows),
+        "nfd_name": case(nfd, file_name_nfc=unicodedata.normalize("NFC", nfd_name)),
+        "folder_as_image": case(folder_case, folder=f"{rel_root}{folder}/T_S00104.jpg"),
+        "unreferenced_file": {"file": f"{rel_root}{extra.file}", "mirrored_as": "images/extra/T_S09999.jpg"},
+        "not_mirrored": ["Labels.json"],
+    }
+    return info, _cn_jobs(root, [*images, extra])
+
+
 # ---------------------------------------------------------------------------------------------
 # MERMAID API
 # ---------------------------------------------------------------------------------------------
@@ -1127,6 +1239,8 @@ def generate(out: Path, scale: float = 1.0, jobs: int = 1) -> dict:
             ) from exc
         if location == "s3":
             info, cn_jobs = _generate_bucket_source(out, bucket, source_id, scale)
+        elif location == "local" and source_id == TOOLBOX_SOURCE_ID:
+            info, cn_jobs = _generate_toolbox_source(out, source_id, scale)
         elif location == "local":
             info, cn_jobs = _generate_local_source(out, source_id, scale)
         else:
