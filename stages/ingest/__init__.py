@@ -13,9 +13,4 @@ def ingest_source(ctx: IngestContext) -> dict[str, Any]:
     from stages.ingest import runner
 
     adapter = importlib.import_module(f"stages.ingest.{ctx.source}")
-    if hasattr(adapter, "records"):
-        return runner.run(ctx, adapter)
-    # An adapter not yet on the record protocol (stages/ingest/records.py).
-    tables, extra = adapter.ingest(ctx)
-    tables.write(ctx.out_dir)
-    return tables.metrics(extra)
+    return runner.run(ctx, adapter)
