@@ -726,7 +726,7 @@ def test_a_field_over_the_csv_module_limit_is_a_bad_record_not_a_crash(
         (f"line {line}", "bad_record")
     ]
     assert (
-        "longer than the csv module's limit" in next(q for q in bad if q["reason"] == "bad_record")["detail"]
+        "longer than the CSV field limit" in next(q for q in bad if q["reason"] == "bad_record")["detail"]
     )
     assert victim[0] not in {s["upstream_id"] for s in tables.samples}
     assert len(tables.samples) == len(result["samples"]) - 1

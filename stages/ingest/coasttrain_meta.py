@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from stages.errors import UpstreamFormatError
+from stages.ingest.common import long_field
 
 FILE_COLUMN = "annotation_image_filename"
 # Columns the join and the metadata need (the class list comes from each npz, not the CSV);
@@ -109,7 +110,8 @@ def _records(path: Path, encoding: str) -> Iterator[tuple[int, list[str] | None,
                 yield start, None, str(exc)
                 continue
             if fields:
-                yield start, fields, None
+                too_long = long_field(fields)
+                yield (start, None, too_long) if too_long else (start, fields, None)
 
 
 def read_metadata_csv(path: Path) -> MetadataCsv:

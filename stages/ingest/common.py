@@ -11,6 +11,18 @@ from typing import Any
 
 from stages.fsutil import write_json
 
+# The csv module's default field limit (128 KiB). Its limit is process-wide state that another
+# reader may raise, so every CSV reader of ingest checks cell lengths against this constant itself.
+CSV_FIELD_LIMIT = 131072
+
+
+def long_field(fields: list[str]) -> str | None:
+    """The error for a record holding a cell over CSV_FIELD_LIMIT characters, else None."""
+    longest = max((len(f) for f in fields), default=0)
+    if longest > CSV_FIELD_LIMIT:
+        return f"field larger than field limit ({CSV_FIELD_LIMIT}): a cell of {longest} characters"
+    return None
+
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     write_json(path, metrics)

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.errors import UpstreamFormatError
+from stages.ingest.common import CSV_FIELD_LIMIT
 
 MAX_RECORD_LINES = 64  # a quoted comment of more lines than this is a runaway quote
 MAX_LINE_BYTES = 16 << 20
-MAX_FIELD_CHARS = 131072  # the csv module's default limit: a longer cell makes the row a bad record
+MAX_FIELD_CHARS = CSV_FIELD_LIMIT  # the csv module's default limit: a longer cell makes the row a bad record
 
 
 @dataclass(frozen=True)

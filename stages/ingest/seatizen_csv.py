@@ -30,6 +30,7 @@ from typing import BinaryIO
 import numpy as np
 
 from stages.errors import UpstreamFormatError
+from stages.ingest.common import CSV_FIELD_LIMIT, long_field
 from stages.ingest.seatizen_names import nfc
 
 # Non-class columns the multilabel CSV has or may have (the authors' exporter writes the GPS and
@@ -151,6 +152,8 @@ def read_annotation_file(path: Path) -> AnnotationFile:
                 break
             except csv.Error as exc:
                 fields, error = None, str(exc)
+            if fields and (too_long := long_field(fields)):
+                fields, error = None, too_long
             start, end = last + 1, reader.line_num
             last = end
             if fields == [] and start == end:
@@ -158,7 +161,7 @@ def read_annotation_file(path: Path) -> AnnotationFile:
             if error is not None or end > start:
                 why = error or MULTI_LINE
                 if error and "field larger than field limit" in error:
-                    why = f"a field is longer than the csv module's limit of {csv.field_size_limit()} chars"
+                    why = f"a field is longer than the CSV field limit of {CSV_FIELD_LIMIT} chars"
                 span = f"line {start}" if start == end else f"lines {start}-{end}"
                 for line in range(start, end + 1):
                     out.bad.append(BadRecord(line, f"line {line}", f"{span}: {why}"))
