@@ -104,9 +104,9 @@ def fields(sample: dict[str, Any]) -> set[str]:
 
 
 EXPECTED_FIELDS = {
-    "reef-points": [{"png", "json", "cls"}],
+    "reef-points": [{"webp", "json", "cls"}],
     "reef-images": [{"jpg", "json"}, {"jpg", "json", "seg.png"}],
-    "coast-seg": [{"png", "json", "seg.png"}],
+    "coast-seg": [{"webp", "json", "seg.png"}],
     "inat2017": [{"jpg", "json", "cls"}],
 }
 
@@ -214,7 +214,7 @@ def test_reef_point_patches_equal_the_pyspacer_window(corpus: dict[str, Any]):
             rowcols = [(d["point"]["row"], d["point"]["col"]) for d in docs]
             expected = pyspacer_patches(corpus["fetched"] / images[sid]["image_path"], rowcols, 64)
             for sample, doc, want in zip(samples, docs, expected):
-                got = np.asarray(Image.open(io.BytesIO(sample["png"])))
+                got = np.asarray(Image.open(io.BytesIO(sample["webp"])))
                 assert got.shape == (64, 64, 3) and np.array_equal(got, want), doc["point_id"]
                 checked += 1
                 r, c = doc["point"]["row"], doc["point"]["col"]
@@ -245,10 +245,10 @@ def test_patch_size_224_and_odd_sizes_follow_pyspacer(
         writer.close()
     samples = list(wds.WebDataset(str(shard), shardshuffle=False))
     assert len(samples) == len(result.samples) > 0
-    rowcols = [(s.row["row"], s.row["col"]) for s in result.samples]
+    rowcols = [(r.row["row"], r.row["col"]) for r in unit.rows]
     expected = pyspacer_patches(corpus["fetched"] / images[key]["image_path"], rowcols, patch_size)
     for sample, want in zip(samples, expected):
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), want)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["webp"]))), want)
     if patch_size == 224:  # SOURCES §2: top-left (row + 224 - 112, col + 224 - 112) in padded coordinates
         assert rp.window(10, 20, 224) == (10 + 224 - 112, 20 + 224 - 112)
     else:
@@ -267,7 +267,7 @@ def test_seg_png_decodes_to_the_original_class_ids(corpus: dict[str, Any]):
             original = np.asarray(Image.open(corpus["interim"].parent.parent / row["mask_path"]))
             assert np.array_equal(np.asarray(seg), original)
             assert set(np.unique(original)) <= set(range(7)) | {255}
-            rgb = np.asarray(Image.open(io.BytesIO(sample["png"])))
+            rgb = np.asarray(Image.open(io.BytesIO(sample["webp"])))
             assert np.array_equal(rgb, load_coasttrain_image(corpus["fetched"] / row["image_path"]))
             seen += 1
     assert seen == corpus["metrics"]["coast-seg"]["samples"]
