@@ -712,3 +712,53 @@ def test_a_changed_setting_or_code_version_re_encodes_what_it_touches_and_only_t
     clean = tmp_path / "clean"
     rebuild(corpus, root, clean, "coast-seg", params)
     assert digests(clean) == digests(outs["coast-seg"])
+
+
+# --- reef-points `layout: images` ---------------------------------------------------------------------
+
+
+def documented_reader() -> Any:
+    """The reader function exactly as docs/pack.md prints it (the code block after its marker)."""
+    text = (REPO / "docs" / "pack.md").read_text(encoding="utf-8")
+    after = text.split("<!-- reader: reef-points images -->", 1)[1]
+    block = after.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "docs/pack.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    return namespace["reef_patches"]
+
+
+def test_images_layout_keeps_upstream_bytes_and_its_reader_cuts_the_patches_layouts_patches(
+    corpus: dict[str, Any], tmp_path: Path
+):
+    params = copy.deepcopy(corpus["params"])
+    params["products"]["reef-points"]["layout"] = "images"
+    out = tmp_path / "images"
+    metrics = pack_product(
+        params, "reef-points", corpus["root"], out_dir=out, metrics_path=tmp_path / "m.json"
+    )
+    patches_metrics = corpus["metrics"]["reef-points"]
+    assert metrics["samples"] == metrics["images"] == patches_metrics["images"]
+    assert metrics["points"] == patches_metrics["points"]
+    # classes.json counts points either way
+    assert json.loads((out / "classes.json").read_text())["classes"] == json.loads(
+        (release(corpus, "reef-points") / "classes.json").read_text()
+    )["classes"]
+    images = {**samples_table(corpus, "mermaid"), **samples_table(corpus, "coralnet")}
+    shards = sorted(str(p) for p in out.glob("*.tar"))
+    for sample in wds.WebDataset(shards, shardshuffle=False):
+        (ext,) = fields(sample) - {"json"}
+        row = images[sample["__key__"]]
+        assert hashlib.sha256(sample[ext]).hexdigest() == row["file_sha256"]  # the upstream bytes
+        assert ext == {"png": "png", "jpeg": "jpg"}[row["image_format"]]
+    want: dict[str, np.ndarray] = {}
+    for sample in wds.WebDataset(sorted(str(p) for p in release(corpus, "reef-points").glob("*.tar")),
+                                 shardshuffle=False):  # fmt: skip
+        want[sample["__key__"]] = np.asarray(Image.open(io.BytesIO(sample["webp"])))
+    reef_patches = documented_reader()
+    seen = 0
+    for patch, point, meta in reef_patches(shards):
+        assert meta["patch_size"] == 64 and patch.shape == (64, 64, 3)
+        assert np.array_equal(patch, want[point["point_id"]]), point["point_id"]
+        assert point["class"]["index"] >= 0
+        seen += 1
+    assert seen == len(want) == metrics["points"]
