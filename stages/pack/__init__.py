@@ -28,6 +28,7 @@ import importlib
 import json
 import logging
 import math
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ from stages.pack.codec import (  # noqa: F401 - re-exported: the product modules
     rgb_array,
 )
 from stages.pack.reuse import (
+    PREVIOUS_DIR,
     ShardStore,
     UnitCache,
     digest,  # noqa: F401 - re-exported for the product modules
@@ -545,6 +547,8 @@ def pack_product(
         log.info("%s: removed %d files of an earlier build", out_dir, len(removed))
     if store is not None:
         store.discard_previous()
+    elif (out_dir / PREVIOUS_DIR).is_dir():  # left by an interrupted cached build
+        shutil.rmtree(out_dir / PREVIOUS_DIR, ignore_errors=True)
     stats = dict(sorted(written.stats.items()))
     write_stats(
         f"pack@{name}",
