@@ -7,6 +7,7 @@ STAMP := $(VENV)/.requirements-installed
 SCALE ?= 1
 IMAGES ?= 10000
 BENCH_ARGS ?=
+REALRES ?=
 
 .PHONY: venv demo test lint bench release diff clean
 
@@ -29,8 +30,14 @@ lint: venv
 	$(PY) -m ruff check .
 
 # 10k images by default; `make bench IMAGES=2000 BENCH_ARGS=--skip-100k` for a quick run.
+# `make bench REALRES=1` instead: pack at real resolution (12 MP JPEG/PNG, real points per image)
+# against a fixed reference floor (bench/realres.py; BENCH_ARGS="--jpeg-images 8" etc.).
 bench: venv
+ifeq ($(REALRES),1)
+	$(PY) -m bench.realres $(BENCH_ARGS)
+else
 	$(PY) -m bench.run --images $(IMAGES) $(BENCH_ARGS)
+endif
 
 release: venv
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
