@@ -762,3 +762,31 @@ def test_images_layout_keeps_upstream_bytes_and_its_reader_cuts_the_patches_layo
         assert point["class"]["index"] >= 0
         seen += 1
     assert seen == len(want) == metrics["points"]
+
+
+def test_a_dvc_repro_rebuild_reuses_shards_from_the_dvc_cache(
+    corpus: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # `dvc repro` deletes a stage's outputs before it runs; the previous shards are then only in
+    # DVC's cache (files/md5/<2>/<30>), where `cache.dir` of .dvc/config puts it.
+    cache_dir = tmp_path / "work-cache"
+    monkeypatch.setenv("TIDEPOOL_CACHE_DIR", str(cache_dir))
+    root, product = full_root(corpus, tmp_path / "p"), "coast-seg"
+    out = root / "data" / "release" / product
+    rebuild(corpus, root, out, product)
+    reference = digests(out)
+    (root / ".dvc").mkdir()
+    (root / ".dvc" / "config").write_text("[cache]\n    dir = ../dvc-cache\n")
+    for split_name in ("train", "val", "test"):
+        for entry in json.loads((out / f"{split_name}.index.json").read_text())["shardlist"]:
+            md5 = entry["md5sum"]
+            target = root / "dvc-cache" / "files" / "md5" / md5[:2] / md5[2:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / entry["url"], target)
+            target.chmod(0o444)
+    shutil.rmtree(out)
+    rebuild(corpus, root, out, product)
+    stats = pack_stats(cache_dir, product)
+    assert stats.get("units_computed", 0) == 0 and stats["shards_reused"] == stats["shards"] > 0, stats
+    assert digests(out) == reference
+    assert all((out / name).stat().st_mode & 0o200 for name in reference)  # writable copies, not cache files
