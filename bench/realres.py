@@ -408,11 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         default = dict(CODECS[2][1])
 
         def pack(
-            key: str, product: str, sources: list[str], extra: dict[str, Any], cache: bool = False
+            key: str, product: str, sources: list[str], extra: dict[str, Any], jobs: int = args.jobs
         ) -> None:
             label = "".join(c if c.isalnum() else "_" for c in key)
-            params = bench_params(args.jobs, product, sources, extra)
-            runs[key] = run_pack(root, work, label, product, params, cache=cache)
+            params = bench_params(jobs, product, sources, extra)
+            runs[key] = run_pack(root, work, label, product, params, cache=False)
+
+        # Slopes (per image, per point) come from inline runs (jobs 1): no pool start-up in them,
+        # and the no-sample runs give the stage's fixed cost to subtract.
 
         for label, spec in CODECS:
             if label.startswith(("png level 6", "png level 1", "webp lossless m0 q0", "jpg")):
