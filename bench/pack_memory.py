@@ -9,7 +9,8 @@ labels from a 48-attribute taxonomy, point-cover `labels` per image), a dedup ta
 clusters and split assignments (80/10/10 by a hash), and one tiny distinct PNG per image, then
 measures (`python -m bench.measure`, the process and all its children):
 
-- **planning**: the stage's main-process work without pixels: `reef_points.plan` (tables read,
+- **planning** (`layout: patches`, the default): the stage's main-process work without pixels:
+  `reef_points.plan` (tables read,
   points sorted and spanned in Arrow) and `make_unit` for every image in shard order (the JSON of
   every point built, keyed and dropped), which is what the main process does while the workers
   encode;
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry["planning"] = measured(
                     root, f"plan-{n}",
                     [sys.executable, "-m", "bench.pack_memory", "--plan-only", str(root),
-                     "--params", str(params_path)],
+                     "--params", str(params_file(root, "patches"))],
                     work / "measure.jsonl",
                 )  # fmt: skip
             if n in args.stage_points:

@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages import products as prod
@@ -283,25 +285,96 @@ def _skip_reason(labels: Any, has_mask: bool) -> str:
     return "unusable"
 
 
-def select_samples(ctx: PackContext, columns: list[str]) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The product's samples (stages.products rules) with their `split`, and skip counts by reason."""
-    samples = load_samples(ctx, columns)
-    clusters = load_clusters(ctx.root)
-    selected = prod.product_samples(ctx.product, samples, clusters)
-    chosen = set(selected["sample_id"])
-    usable = dict(zip(samples["sample_id"], prod.usable(samples)))
+BATCH_ROWS = 1024  # labels parsed a batch at a time: a parsed labels dict is ~6x its JSON
+
+
+def _membership(ctx: PackContext) -> tuple[pd.DataFrame, dict[str, int]]:
+    """sample_id, source, mask_path, phash of every sample of the product's sources with a `usable`
+    flag (stages.products rules), read in record batches so that the labels JSON, the largest column,
+    is never held for the whole table; and the skip reasons of the unusable ones."""
+    parts: list[pd.DataFrame] = []
     skipped: Counter[str] = Counter()
-    for sid, raw, mask in zip(samples["sample_id"], samples["labels"], samples["mask_path"]):
-        if sid in chosen:
-            continue
-        if usable[sid]:
-            skipped["duplicate_of_kept_copy"] += 1  # dedup: one, another member of its cluster stays
-        else:
-            try:
-                labels = json.loads(raw) if raw is not None else None
-            except json.JSONDecodeError:
-                labels = None
-            skipped[_skip_reason(labels, mask is not None)] += 1
+    base = ["sample_id", "source", "labels", "mask_path", "phash"]
+    for source in ctx.product.sources:
+        path = ctx.interim(source) / "samples.parquet"
+        read_arrow(path, base, f"sample table of {source}").schema  # noqa: B018 - checks file and columns
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=base)
+            for batch in batches:
+                frame = pd.DataFrame({c: pd.Series(batch.column(c).to_pylist(), dtype=object) for c in base})
+                ok = prod.usable(frame)
+                for raw, mask in zip(frame["labels"][~ok], frame["mask_path"][~ok]):
+                    try:
+                        labels = json.loads(raw) if raw is not None else None
+                    except json.JSONDecodeError:
+                        labels = None
+                    skipped[_skip_reason(labels, mask is not None)] += 1
+                parts.append(frame.drop(columns=["labels"]).assign(usable=ok))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise UpstreamFormatError(path, f"not a readable parquet file ({exc})") from exc
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in [*base[:2], *base[3:], "usable"]}), {}
+    return pd.concat(parts, ignore_index=True), dict(skipped)
+
+
+def _members(ctx: PackContext, light: pd.DataFrame, clusters: pd.DataFrame) -> list[str]:
+    """The sample ids in the product: stages.products.product_samples' rules (sources, usable, keep
+    policy) over the light columns, sorted by sample id."""
+    product = ctx.product
+    mine = light[light["source"].isin(product.sources).to_numpy() & light["usable"].to_numpy(dtype=bool)]
+    if not len(clusters) or product.keep == "all":
+        return sorted(mine["sample_id"].astype(str))
+    cluster_of = dict(zip(clusters["sample_id"].astype(str), clusters["cluster_id"].astype(str)))
+    rank_of = dict(zip(clusters["sample_id"].astype(str), clusters["rank"].astype(int)))
+    ids = mine["sample_id"].astype(str)
+    cluster_ids = [cluster_of.get(sid) for sid in ids]
+    in_cluster = np.array([c is not None for c in cluster_ids], dtype=bool)
+    ranked = mine[in_cluster].assign(
+        cluster_id=[c for c in cluster_ids if c is not None], _rank=[rank_of[s] for s in ids[in_cluster]]
+    )
+    ranked = ranked.sort_values(["cluster_id", "_rank"], kind="stable")
+    if product.keep == "one":
+        keep = set(ranked.drop_duplicates("cluster_id")["sample_id"].astype(str))
+    else:  # cover
+        keep = prod._cover(ranked, product.radius)
+    return sorted([*ids[~in_cluster], *(s for s in ids[in_cluster] if s in keep)])
+
+
+def select_samples(
+    ctx: PackContext, columns: list[str], labels: bool = True
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The product's samples (stages.products rules) with their `split`, and skip counts by reason.
+
+    Membership is decided on light columns read batch by batch; only the selected rows of `columns`
+    (plus sample_id, source, mask_path, n_points, phash, and `labels` unless `labels=False`) become
+    Python objects, one dict per image at most: never one per point.
+    """
+    light, skipped_unusable = _membership(ctx)
+    clusters = load_clusters(ctx.root)
+    chosen_ids = _members(ctx, light, clusters)
+    chosen = set(chosen_ids)
+    skipped: Counter[str] = Counter(skipped_unusable)
+    skipped["duplicate_of_kept_copy"] += int(light["usable"].to_numpy(dtype=bool).sum()) - len(chosen)
+    if not skipped["duplicate_of_kept_copy"]:
+        del skipped["duplicate_of_kept_copy"]
+    del light
+    extra = ["labels"] if labels else []
+    cols = sorted({"sample_id", "source", "mask_path", "n_points", "phash", *columns, *extra})
+    wanted = pa.array(chosen_ids, pa.string())
+    frames = []
+    for source in ctx.product.sources:
+        table = read_arrow(ctx.interim(source) / "samples.parquet", cols, f"sample table of {source}")
+        table = table.filter(pc.is_in(table.column("sample_id"), value_set=wanted))
+        if table.num_rows:
+            columns_py = {c: pd.Series(table.column(c).to_pylist(), dtype=object) for c in cols}
+            frames.append(pd.DataFrame(columns_py))
+        del table
+    pa.default_memory_pool().release_unused()
+    if frames:
+        selected = pd.concat(frames, ignore_index=True).sort_values("sample_id", kind="stable")
+        selected = selected.reset_index(drop=True)
+    else:
+        selected = pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
     assignments = load_assignments(ctx.root)
     missing = [s for s in selected["sample_id"] if s not in assignments]
     if missing:

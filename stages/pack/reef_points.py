@@ -244,10 +244,13 @@ def load_points(ctx: PackContext, selected_ids: list[str]) -> tuple[pa.Table, di
         )
         for s in ctx.product.sources
     ]
+    wanted = pa.array(selected_ids, pa.string())
+    tables = [t.filter(pc.is_in(t.column("sample_id"), value_set=wanted)) for t in tables if t.num_rows]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in POINT_COLUMNS}), {}
     table = pa.concat_tables(tables, promote_options="permissive").unify_dictionaries().combine_chunks()
+    del tables
     sample = table.column("sample_id").chunk(0) if table.num_rows else None
     if not isinstance(sample, pa.DictionaryArray):
         sample = pc.dictionary_encode(table.column("sample_id")).combine_chunks()
@@ -270,14 +273,15 @@ def load_points(ctx: PackContext, selected_ids: list[str]) -> tuple[pa.Table, di
         name_of_rank = pc.sort_indices(names).to_numpy()
         for start, end in zip(starts.tolist(), ends.tolist()):
             spans[names[int(name_of_rank[ranks[start]])].as_py()] = (start, end)
+    # Arrow's allocator keeps freed buffers for reuse; the read and sort copies are done with.
+    pa.default_memory_pool().release_unused()
     return table, spans
 
 
 def plan(ctx: PackContext) -> ProductPlan:
-    selected, skipped = select_samples(ctx, COLUMNS)
     # The ingest labels JSON is the largest column; only the images layout's manifest uses it.
-    drop = ["phash", "mask_path"] + (["labels"] if ctx.settings.layout == "patches" else [])
-    selected = selected.drop(columns=[c for c in drop if c in selected])
+    selected, skipped = select_samples(ctx, COLUMNS, labels=ctx.settings.layout == "images")
+    selected = selected.drop(columns=["phash", "mask_path"])
     points, spans = load_points(ctx, [str(s) for s in selected["sample_id"]])
     classes = ReefClasses(Taxonomy.load(ctx.taxonomy_dir), ctx.settings.label_level)
     size = int(ctx.settings.patch_size or 224)
