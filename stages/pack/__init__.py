@@ -285,6 +285,23 @@ def _skip_reason(labels: Any, has_mask: bool) -> str:
     return "unusable"
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the OS after a planning phase.
+
+    Arrow's allocator keeps freed buffers for reuse, and glibc keeps the pages of freed strings
+    (the labels JSON of a batch) when live objects sit between them. Neither is a leak, but both
+    stack up under the next phase's peak: measured at 1M points, 250 MiB -> 166 MiB after the
+    membership pass. Best effort: a no-op where there is no glibc.
+    """
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 BATCH_ROWS = 1024  # labels parsed a batch at a time: a parsed labels dict is ~6x its JSON
 
 
@@ -350,6 +367,7 @@ def select_samples(
     Python objects, one dict per image at most: never one per point.
     """
     light, skipped_unusable = _membership(ctx)
+    release_memory()
     clusters = load_clusters(ctx.root)
     chosen_ids = _members(ctx, light, clusters)
     chosen = set(chosen_ids)
@@ -369,7 +387,7 @@ def select_samples(
             columns_py = {c: pd.Series(table.column(c).to_pylist(), dtype=object) for c in cols}
             frames.append(pd.DataFrame(columns_py))
         del table
-    pa.default_memory_pool().release_unused()
+    release_memory()
     if frames:
         selected = pd.concat(frames, ignore_index=True).sort_values("sample_id", kind="stable")
         selected = selected.reset_index(drop=True)

@@ -58,6 +58,7 @@ from stages.pack import (
     num,
     open_image,
     read_arrow,
+    release_memory,
     rgb_array,
     sample_json,
     select_samples,
@@ -273,8 +274,7 @@ def load_points(ctx: PackContext, selected_ids: list[str]) -> tuple[pa.Table, di
         name_of_rank = pc.sort_indices(names).to_numpy()
         for start, end in zip(starts.tolist(), ends.tolist()):
             spans[names[int(name_of_rank[ranks[start]])].as_py()] = (start, end)
-    # Arrow's allocator keeps freed buffers for reuse; the read and sort copies are done with.
-    pa.default_memory_pool().release_unused()
+    release_memory()  # the read and sort copies are done with
     return table, spans
 
 
