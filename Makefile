@@ -13,6 +13,7 @@ DIFF_ARGS ?=
 WALK_SCALE ?= 1
 WALK_GROW ?= 1.5
 WALK_DIR ?= build/walkthrough
+REALRES ?=
 
 .PHONY: venv demo serve walkthrough test lint deps bench bench-points release diff clean
 
@@ -51,8 +52,14 @@ deps: venv
 	$(PY) -m stages.depgraph
 
 # 10k images by default; `make bench IMAGES=2000 BENCH_ARGS=--skip-100k` for a quick run.
+# `make bench REALRES=1` instead: pack at real resolution (12 MP JPEG/PNG, real points per image)
+# against a fixed reference floor (bench/realres.py; BENCH_ARGS="--jpeg-images 8" etc.).
 bench: venv
+ifeq ($(REALRES),1)
+	$(PY) -m bench.realres $(BENCH_ARGS)
+else
 	$(PY) -m bench.run --images $(IMAGES) $(BENCH_ARGS)
+endif
 
 # Points-heavy mode: the table stages at real point counts on small images (bench/points_heavy.py);
 # `make bench-points POINTS="1000000 5000000"`.

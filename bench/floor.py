@@ -10,8 +10,10 @@ packs, in path order, once:
   a product re-encodes its pixels; a Coast Train npz is inflated and its RGB array taken exactly as
   pack takes it; an iNat JPEG that no product re-encodes (`resize: null` copies the upstream bytes)
   gets only the reduced draft decode that its perceptual hash needs, as ingest does it;
-- reef-points: reflect-pad once, cut every point's patch, encode each with the product's settings;
-- reef-images: fit to `max_side` (LANCZOS) and encode; decode, resize and encode its mask if any;
+- reef-points: cut every point's patch (`cut_patch`: the window, reflected only where it crosses
+  the border, as pack does) and encode each with the product's settings;
+- reef-images: fit to `max_side` and encode (a JPEG that shrinks is decoded again at a reduced
+  DCT scale, `decode_for_size`, exactly as pack does); decode, resize and encode its mask if any;
 - coast-seg: encode the image, decode and re-encode the mask;
 - nothing else: no hashing, labels, JSON, tar, md5, manifest, parquet, dedup or split, no process
   pool, and one decode where the pipeline has one per stage that touches the image.
@@ -35,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -45,6 +46,8 @@ from stages.imaging import PHASH_SIZE
 from stages.ingest.coasttrain import load_coasttrain_image
 from stages.pack import (
     ImageSettings,
+    cut_patch,
+    decode_for_size,
     encode_mask,
     encode_rgb,
     fit_max_side,
@@ -55,7 +58,6 @@ from stages.pack import (
     resize_rgb,
     rgb_array,
 )
-from stages.pack.reef_points import window
 
 PRODUCTS = ("reef-points", "reef-images", "coast-seg", "inat2017")
 
@@ -156,18 +158,20 @@ def run_floor(root: Path, params: dict[str, Any], keep: set[str] | None = None) 
             now = t.add(f"decode.{'jpeg' if fmt in ('jpg', 'jpeg') else fmt}", now)
         if item.patches:
             s, size = settings["reef-points"], patch
-            padded = np.pad(rgb, ((size, size), (size, size), (0, 0)), mode="reflect")
-            now = t.add("reef-points.pad", now)
             for key, row, col in item.patches:
-                top, left = window(row, col, size)
-                data = encode_rgb(padded[top : top + size, left : left + size], s)
+                data = encode_rgb(cut_patch(rgb, row, col, size), s)
                 out_bytes += len(data)
                 if keep is not None and key in keep:
                     kept[key] = data
             now = t.add("reef-points.crop_encode", now, len(item.patches))
         for product, key, mask_path, size_out in item.whole:
             s = settings[product]
-            data = encode_rgb(resize_rgb(rgb, size_out), s)
+            full = (rgb.shape[1], rgb.shape[0])
+            if size_out != full and path.suffix.lower() in (".jpg", ".jpeg"):
+                pixels = decode_for_size(path, max_pixels, full, size_out)  # pack's reduced decode
+            else:
+                pixels = resize_rgb(rgb, size_out)
+            data = encode_rgb(pixels, s)
             out_bytes += len(data)
             if keep is not None and key in keep:
                 kept[key] = data

@@ -43,7 +43,7 @@ def loader(urls: list[str], size: int, batch_size: int, workers: int, shuffle: b
         wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, empty_check=False)
         .shuffle(1000 if shuffle else 0)
         .decode("pil")
-        .to_tuple("png;jpg", "cls")
+        .to_tuple("webp;png;jpg", "cls")
         .map_tuple(lambda img: to_tensor(img, size), int)
         .batched(batch_size, partial=True)
     )

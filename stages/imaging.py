@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 PHASH_SIZE = 32
 PHASH_LOW = 8
@@ -139,33 +140,69 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
         raise ImageProblem("unsupported_format", f"PIL mode {mode}: {exc}") from exc
 
 
-def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+# Formats the project reads. Opening through this list instead of everything PIL knows keeps
+# exotic parsers away from hostile files; ingest refuses other formats anyway.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
+
+
+def _openers() -> list[tuple[Any, Any]]:
+    # Importing a plugin registers it in Image.OPEN; done here, lazily, so that importing this
+    # module stays cheap and the registry is complete whatever else the process imported.
+    from PIL import (  # noqa: F401 - imported for their registration
+        BmpImagePlugin,
+        GifImagePlugin,
+        JpegImagePlugin,
+        PngImagePlugin,
+        TiffImagePlugin,
+        WebPImagePlugin,
+    )
+
+    return [Image.OPEN[f] for f in ACCEPTED_FORMATS if f in Image.OPEN]
+
+
+def open_bounded(data: bytes, max_pixels: int) -> Image.Image:
+    """Open an image from its bytes (header only, no pixel decode) and refuse it when its header
+    declares more than `max_pixels` pixels.
+
+    Thread-safe by construction: `Image.open` compares the size against the process-wide
+    `Image.MAX_IMAGE_PIXELS` and reports through the process-wide warnings filters, so a bound
+    set by swapping those races between the threads of a Dask worker. This opens through the
+    format plugins directly (what `Image.open` does, minus its global check) and compares the
+    header's size with the caller's bound, touching no global state.
+    Raises ImageProblem: empty_file, corrupt_image (unknown format or a header that does not
+    parse) or image_too_large.
+    """
     if not data:
         raise ImageProblem("empty_file", "file has zero bytes")
-    # Our bound replaces PIL's global one for this open only; the global is restored so other
-    # code in the process (generators, tests) keeps PIL's default.
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between 1x and 2x the limit; a bound is a bound.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.size  # noqa: B018 - header parse happens here
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageProblem("image_too_large", str(exc)) from exc
-    except UnidentifiedImageError as exc:
-        raise ImageProblem("corrupt_image", "not a recognisable image") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # A file cut off inside its header (a JPEG marker segment, a PNG chunk) fails while the
-        # header is parsed, before any decode: still a bad record, not a crash of the stage.
-        raise ImageProblem("corrupt_image", f"header does not parse: {exc}") from exc
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    prefix = data[:16]
+    fp = io.BytesIO(data)
+    img: Image.Image | None = None
+    failure = ""
+    for factory, accept in _openers():
+        if accept is not None and not accept(prefix):
+            continue
+        fp.seek(0)
+        try:
+            img = factory(fp, "")
+            break
+        except (SyntaxError, IndexError, TypeError, struct.error) as exc:
+            failure = str(exc)  # a header this plugin claimed but could not parse
+        except (OSError, ValueError, EOFError) as exc:
+            # A file cut off inside its header (a JPEG marker segment, a PNG chunk) fails while
+            # the header is parsed, before any decode: a bad record, not a crash of the stage.
+            raise ImageProblem("corrupt_image", f"header does not parse: {exc}") from exc
+    if img is None:
+        if failure:
+            raise ImageProblem("corrupt_image", f"header does not parse: {failure}")
+        raise ImageProblem("corrupt_image", "not a recognisable image")
     w, h = img.size
     if w * h > max_pixels:
         raise ImageProblem("image_too_large", f"{w}x{h} exceeds limits.max_image_pixels={max_pixels}")
     return img
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    return open_bounded(data, max_pixels)
 
 
 def probe_image_bytes(data: bytes, max_pixels: int, *, lossless_pixel_hash: bool = True) -> ImageInfo:

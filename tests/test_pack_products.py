@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -104,9 +106,9 @@ def fields(sample: dict[str, Any]) -> set[str]:
 
 
 EXPECTED_FIELDS = {
-    "reef-points": [{"png", "json", "cls"}],
+    "reef-points": [{"webp", "json", "cls"}],
     "reef-images": [{"jpg", "json"}, {"jpg", "json", "seg.png"}],
-    "coast-seg": [{"png", "json", "seg.png"}],
+    "coast-seg": [{"webp", "json", "seg.png"}],
     "inat2017": [{"jpg", "json", "cls"}],
 }
 
@@ -214,7 +216,7 @@ def test_reef_point_patches_equal_the_pyspacer_window(corpus: dict[str, Any]):
             rowcols = [(d["point"]["row"], d["point"]["col"]) for d in docs]
             expected = pyspacer_patches(corpus["fetched"] / images[sid]["image_path"], rowcols, 64)
             for sample, doc, want in zip(samples, docs, expected):
-                got = np.asarray(Image.open(io.BytesIO(sample["png"])))
+                got = np.asarray(Image.open(io.BytesIO(sample["webp"])))
                 assert got.shape == (64, 64, 3) and np.array_equal(got, want), doc["point_id"]
                 checked += 1
                 r, c = doc["point"]["row"], doc["point"]["col"]
@@ -245,10 +247,10 @@ def test_patch_size_224_and_odd_sizes_follow_pyspacer(
         writer.close()
     samples = list(wds.WebDataset(str(shard), shardshuffle=False))
     assert len(samples) == len(result.samples) > 0
-    rowcols = [(s.row["row"], s.row["col"]) for s in result.samples]
+    rowcols = [(r.row["row"], r.row["col"]) for r in unit.rows]
     expected = pyspacer_patches(corpus["fetched"] / images[key]["image_path"], rowcols, patch_size)
     for sample, want in zip(samples, expected):
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), want)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["webp"]))), want)
     if patch_size == 224:  # SOURCES §2: top-left (row + 224 - 112, col + 224 - 112) in padded coordinates
         assert rp.window(10, 20, 224) == (10 + 224 - 112, 20 + 224 - 112)
     else:
@@ -267,7 +269,7 @@ def test_seg_png_decodes_to_the_original_class_ids(corpus: dict[str, Any]):
             original = np.asarray(Image.open(corpus["interim"].parent.parent / row["mask_path"]))
             assert np.array_equal(np.asarray(seg), original)
             assert set(np.unique(original)) <= set(range(7)) | {255}
-            rgb = np.asarray(Image.open(io.BytesIO(sample["png"])))
+            rgb = np.asarray(Image.open(io.BytesIO(sample["webp"])))
             assert np.array_equal(rgb, load_coasttrain_image(corpus["fetched"] / row["image_path"]))
             seen += 1
     assert seen == corpus["metrics"]["coast-seg"]["samples"]
@@ -344,8 +346,11 @@ def digests(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
 
 
-def test_a_second_clean_build_is_byte_identical(corpus: dict[str, Any], tmp_path: Path):
+def test_a_second_clean_build_is_byte_identical(
+    corpus: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     # Inline (jobs=1) against the fixture's process pool: the bytes must not depend on scheduling.
+    monkeypatch.setenv("TIDEPOOL_CACHE", "0")  # encode everything again, nothing from the cache
     for product in PRODUCTS:
         out = tmp_path / product
         pack_product(
@@ -544,3 +549,266 @@ def test_an_image_that_changed_size_since_ingest_is_refused_naming_the_file(tmp_
     with pytest.raises(UpstreamFormatError) as err:
         check_size(rgb, (30, 40), path)
     assert str(path) in str(err.value) and "image is 40x30, the sample table says 30x40" in str(err.value)
+
+
+# --- the work cache: pack costs what changed ------------------------------------------------------
+
+
+def pack_stats(cache_dir: Path, product: str) -> dict[str, Any]:
+    return json.loads((cache_dir / "stats" / f"pack@{product}.json").read_text())
+
+
+def interim_with(corpus: dict[str, Any], dest: Path, replace_tables: dict[str, Any]) -> Path:
+    """The corpus' interim folder as symlinks, with some tables replaced ({"mermaid/points.parquet": t})."""
+    for entry in corpus["interim"].iterdir():
+        mine = {r.split("/", 1)[1]: t for r, t in replace_tables.items() if r.split("/", 1)[0] == entry.name}
+        if not mine:
+            (dest / entry.name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / entry.name).symlink_to(entry, target_is_directory=True)
+            continue
+        (dest / entry.name).mkdir(parents=True)
+        for f in entry.iterdir():
+            if f.name in mine:
+                write_parquet(dest / entry.name / f.name, mine[f.name])
+            else:
+                (dest / entry.name / f.name).symlink_to(f)
+    return dest
+
+
+def full_root(corpus: dict[str, Any], dest: Path, replace_tables: dict[str, Any] | None = None) -> Path:
+    """A root with the whole corpus and no release folder of its own, optionally with tables replaced."""
+    interim = interim_with(corpus, dest / "interim", replace_tables or {})
+    root = make_root(dest / "root", corpus["fetched"], interim)
+    for stage in ("dedup", "split"):
+        shutil.copytree(corpus["root"] / "data" / stage, root / "data" / stage)
+    return root
+
+
+def test_growth_encodes_exactly_the_new_and_changed_units_and_equals_a_clean_build(
+    corpus: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("TIDEPOOL_CACHE_DIR", str(cache_dir))
+    params, out = corpus["params"], tmp_path / "release"
+    small, new = grown_out(corpus, tmp_path / "small", "reef-points", "mermaid", 0.05)
+    pack_product(params, "reef-points", small, out_dir=out, metrics_path=tmp_path / "m0.json")
+    first = pack_stats(cache_dir, "reef-points")
+    assert first["units_computed"] == first["units"] > 0 and "units_reused" not in first
+    # Grown: the new images arrive, and one existing image has a point relabelled upstream.
+    points = pq.read_table(corpus["interim"] / "mermaid" / "points.parquet")
+    old_ids = set(pq.read_table(small / "data" / "split" / "assignments.parquet")["sample_id"].to_pylist())
+    sids = points.column("sample_id").to_pylist()
+    changed_at = next(i for i, s in enumerate(sids) if s in old_ids)
+    labels = points.column("source_label").to_pylist()
+    labels[changed_at] = f"{labels[changed_at]}-relabelled"
+    column = points.schema.get_field_index("source_label")
+    relabelled = points.set_column(column, "source_label", pa.array(labels))
+    grown = full_root(corpus, tmp_path / "grown", {"mermaid/points.parquet": relabelled})
+    metrics = pack_product(params, "reef-points", grown, out_dir=out, metrics_path=tmp_path / "m1.json")
+    stats = pack_stats(cache_dir, "reef-points")
+    packed_images = set(pq.read_table(out / "manifest.parquet")["sample_id"].to_pylist())
+    expected = len(new & packed_images) + 1  # the new images, plus the relabelled one
+    assert len(new & packed_images) >= 1
+    assert stats["units_computed"] == expected, stats
+    assert stats["units_reused"] == stats["units"] - expected and stats["shards_reused"] > 0
+    assert metrics["images_decoded"] == metrics["units"]  # metrics do not depend on the cache
+    monkeypatch.setenv("TIDEPOOL_CACHE", "0")
+    clean = tmp_path / "clean"
+    clean_metrics = pack_product(
+        params, "reef-points", grown, out_dir=clean, metrics_path=tmp_path / "m2.json"
+    )
+    assert digests(out) == digests(clean)
+    assert clean_metrics == metrics
+    assert not (out / ".pack-previous").exists()
+
+
+def entry_files(cache_dir: Path, product: str) -> list[Path]:
+    return sorted(p for p in (cache_dir / f"pack-{product}").rglob("*") if p.is_file())
+
+
+def rebuild(
+    corpus: dict[str, Any], root: Path, out: Path, product: str, params: dict[str, Any] | None = None
+) -> None:
+    pack_product(params or corpus["params"], product, root, out_dir=out, metrics_path=out.parent / "m.json")
+
+
+def test_corrupt_entries_and_shards_are_recomputed_and_only_they(
+    corpus: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("TIDEPOOL_CACHE_DIR", str(cache_dir))
+    root, out, product = full_root(corpus, tmp_path / "p"), tmp_path / "release", "coast-seg"
+    rebuild(corpus, root, out, product)
+    reference = digests(out)
+    entries = entry_files(cache_dir, product)
+    units = pack_stats(cache_dir, product)["units"]
+    assert len(entries) == units
+    # A truncated entry and a tampered one: detected, dropped, their units encoded again.
+    entries[0].write_bytes(entries[0].read_bytes()[:-7])
+    data = bytearray(entries[1].read_bytes())
+    data[-3] ^= 0x55
+    entries[1].write_bytes(bytes(data))
+    rebuild(corpus, root, out, product)
+    stats = pack_stats(cache_dir, product)
+    assert stats["units_computed"] == 2 and stats["units_reused"] == units - 2, stats
+    assert stats["namespaces"][f"pack-{product}"]["corrupt"] == 2
+    assert digests(out) == reference
+    # A shard whose bytes changed on disk: its md5 no longer matches, so it is not copied; the
+    # unit whose bytes were hit fails its sha256 and is encoded again, its neighbours are reused.
+    index = json.loads((out / "train.index.json").read_text())
+    victim = next(e for e in index["shardlist"] if e["nsamples"] >= 2)
+    manifest = [r for r in pq.read_table(out / "manifest.parquet").to_pylist() if r["shard"] == victim["url"]]
+    shard = out / victim["url"]
+    data = bytearray(shard.read_bytes())
+    data[manifest[1]["offset"] + 600] ^= 0xFF  # inside the second unit's first member
+    shard.write_bytes(bytes(data))
+    rebuild(corpus, root, out, product)
+    stats = pack_stats(cache_dir, product)
+    assert stats["references_unreadable"] == 1 and stats["units_computed"] == 1, stats
+    assert stats["shards_reused"] == stats["shards"] - 1
+    assert digests(out) == reference
+
+
+def test_a_changed_setting_or_code_version_re_encodes_what_it_touches_and_only_that(
+    corpus: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import stages.pack.reuse as reuse
+
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("TIDEPOOL_CACHE_DIR", str(cache_dir))
+    root = full_root(corpus, tmp_path / "p")
+    outs = {p: tmp_path / p for p in ("coast-seg", "inat2017")}
+    for product, out in outs.items():
+        rebuild(corpus, root, out, product)
+    # Shard sizes shape shards, not units: every unit is reused, the shards are re-assembled.
+    params = copy.deepcopy(corpus["params"])
+    params["products"]["coast-seg"]["shard"] = {
+        "min_bytes": 32 * KiB, "target_bytes": 96 * KiB, "max_bytes": 512 * KiB
+    }
+    rebuild(corpus, root, outs["coast-seg"], "coast-seg", params)
+    stats = pack_stats(cache_dir, "coast-seg")
+    assert stats.get("units_computed", 0) == 0 and stats["units_reused"] == stats["units"], stats
+    # An encoder setting of coast-seg: all of its units, none of inat2017's.
+    params["products"]["coast-seg"]["webp_method"] = 1
+    rebuild(corpus, root, outs["coast-seg"], "coast-seg", params)
+    stats = pack_stats(cache_dir, "coast-seg")
+    assert stats["units_computed"] == stats["units"] and stats.get("units_reused", 0) == 0, stats
+    rebuild(corpus, root, outs["inat2017"], "inat2017", params)
+    assert pack_stats(cache_dir, "inat2017")["units_reused"] == pack_stats(cache_dir, "inat2017")["units"]
+    # A code version change of the coast-seg module (as an edit to its source would give).
+    real = reuse.code_version
+
+    def edited(*modules: str, libraries: Any = ()) -> str:
+        version = real(*modules, libraries=libraries)
+        return version + "-edited" if "stages.pack.coast_seg" in modules else version
+
+    monkeypatch.setattr(reuse, "code_version", edited)
+    rebuild(corpus, root, outs["coast-seg"], "coast-seg", params)
+    stats = pack_stats(cache_dir, "coast-seg")
+    assert stats["units_computed"] == stats["units"], stats
+    rebuild(corpus, root, outs["inat2017"], "inat2017", params)
+    assert pack_stats(cache_dir, "inat2017").get("units_computed", 0) == 0
+    # ...and the re-encoded build is what a clean build with these settings gives.
+    monkeypatch.setenv("TIDEPOOL_CACHE", "0")
+    clean = tmp_path / "clean"
+    rebuild(corpus, root, clean, "coast-seg", params)
+    assert digests(clean) == digests(outs["coast-seg"])
+
+
+# --- reef-points `layout: images` ---------------------------------------------------------------------
+
+
+def documented_reader() -> Any:
+    """The reader function exactly as docs/pack.md prints it (the code block after its marker)."""
+    text = (REPO / "docs" / "pack.md").read_text(encoding="utf-8")
+    after = text.split("<!-- reader: reef-points images -->", 1)[1]
+    block = after.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "docs/pack.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    return namespace["reef_patches"]
+
+
+def test_images_layout_keeps_upstream_bytes_and_its_reader_cuts_the_patches_layouts_patches(
+    corpus: dict[str, Any], tmp_path: Path
+):
+    params = copy.deepcopy(corpus["params"])
+    params["products"]["reef-points"]["layout"] = "images"
+    out = tmp_path / "images"
+    metrics = pack_product(
+        params, "reef-points", corpus["root"], out_dir=out, metrics_path=tmp_path / "m.json"
+    )
+    patches_metrics = corpus["metrics"]["reef-points"]
+    assert metrics["samples"] == metrics["images"] == patches_metrics["images"]
+    assert metrics["points"] == patches_metrics["points"]
+    # classes.json counts points either way
+    assert json.loads((out / "classes.json").read_text())["classes"] == json.loads(
+        (release(corpus, "reef-points") / "classes.json").read_text()
+    )["classes"]
+    images = {**samples_table(corpus, "mermaid"), **samples_table(corpus, "coralnet")}
+    shards = sorted(str(p) for p in out.glob("*.tar"))
+    for sample in wds.WebDataset(shards, shardshuffle=False):
+        (ext,) = fields(sample) - {"json"}
+        row = images[sample["__key__"]]
+        assert hashlib.sha256(sample[ext]).hexdigest() == row["file_sha256"]  # the upstream bytes
+        assert ext == {"png": "png", "jpeg": "jpg"}[row["image_format"]]
+    want: dict[str, np.ndarray] = {}
+    for sample in wds.WebDataset(sorted(str(p) for p in release(corpus, "reef-points").glob("*.tar")),
+                                 shardshuffle=False):  # fmt: skip
+        want[sample["__key__"]] = np.asarray(Image.open(io.BytesIO(sample["webp"])))
+    reef_patches = documented_reader()
+    seen = 0
+    for patch, point, meta in reef_patches(shards):
+        assert meta["patch_size"] == 64 and patch.shape == (64, 64, 3)
+        assert np.array_equal(patch, want[point["point_id"]]), point["point_id"]
+        assert point["class"]["index"] >= 0
+        seen += 1
+    assert seen == len(want) == metrics["points"]
+
+
+def test_a_dvc_repro_rebuild_reuses_shards_from_the_dvc_cache(
+    corpus: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # `dvc repro` deletes a stage's outputs before it runs; the previous shards are then only in
+    # DVC's cache (files/md5/<2>/<30>), where `cache.dir` of .dvc/config puts it.
+    cache_dir = tmp_path / "work-cache"
+    monkeypatch.setenv("TIDEPOOL_CACHE_DIR", str(cache_dir))
+    root, product = full_root(corpus, tmp_path / "p"), "coast-seg"
+    out = root / "data" / "release" / product
+    rebuild(corpus, root, out, product)
+    reference = digests(out)
+    (root / ".dvc").mkdir()
+    (root / ".dvc" / "config").write_text("[cache]\n    dir = ../dvc-cache\n")
+    for split_name in ("train", "val", "test"):
+        for entry in json.loads((out / f"{split_name}.index.json").read_text())["shardlist"]:
+            md5 = entry["md5sum"]
+            target = root / "dvc-cache" / "files" / "md5" / md5[:2] / md5[2:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / entry["url"], target)
+            target.chmod(0o444)
+    shutil.rmtree(out)
+    rebuild(corpus, root, out, product)
+    stats = pack_stats(cache_dir, product)
+    assert stats.get("units_computed", 0) == 0 and stats["shards_reused"] == stats["shards"] > 0, stats
+    assert digests(out) == reference
+    assert all((out / name).stat().st_mode & 0o200 for name in reference)  # writable copies, not cache files
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_pack_selects_exactly_the_samples_stages_products_selects(corpus: dict[str, Any], product: str):
+    # pack decides membership on light columns read batch by batch; the split stage counts with
+    # stages.products.product_samples on whole tables: both must pick the same samples.
+    from stages import products as prod
+    from stages.pack import load_clusters, read_table, select_samples
+
+    params = corpus["params"]
+    declared, settings = product_settings(params, product)
+    ctx = PackContext(params, declared, settings, corpus["root"])
+    cols = ["sample_id", "source", "labels", "mask_path", "n_points", "phash"]
+    tables = [read_table(corpus["interim"] / s / "samples.parquet", cols) for s in declared.sources]
+    samples = pd.concat(tables)
+    expected = prod.product_samples(declared, samples.reset_index(drop=True), load_clusters(corpus["root"]))
+    selected, skipped = select_samples(ctx, [])
+    assert list(selected["sample_id"]) == list(expected["sample_id"])
+    assert sum(skipped.values()) == len(samples) - len(expected)
+    if product != "reef-points":  # reef-points adds images without point rows to its own count
+        assert corpus["metrics"][product]["skipped"] == skipped

@@ -1,6 +1,6 @@
 """coast-seg product: Coast Train image plus its mask in the 7 common classes.
 
-Members: `png` or `jpg` (the RGB image of the npz, chosen as ingest chose it:
+Members: `webp`, `png` or `jpg` (the RGB image of the npz, chosen as ingest chose it:
 `stages.ingest.coasttrain.load_coasttrain_image`), `seg.png` (PNG mode L: 0 water,
 1 whitewater, 2 sediment, 3 developed, 4 vegetation, 5 natural_terrain, 6 other, 255 ignore; the
 mask ingest wrote, checked to be mode L at the image's size), `json`: sample_id, upstream_id
@@ -15,6 +15,7 @@ many classes; classes.json counts, per split, the tiles where each class is pres
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,12 @@ from stages.pack import (
     PackContext,
     ProductPlan,
     SampleOut,
+    SampleRow,
     Unit,
     UnitOut,
     check_key,
     check_size,
+    digest,
     encode_mask,
     encode_rgb,
     fit_max_side,
@@ -45,6 +48,7 @@ from stages.pack.tarwriter import sample_bytes
 COLUMNS = [
     "upstream_id",
     "image_path",
+    "file_sha256",
     "width",
     "height",
     "license",
@@ -120,17 +124,23 @@ def plan(ctx: PackContext) -> ProductPlan:
             "license": row["license"],
             "labels": row["labels"],
         }
-        payload = (
-            str(ctx.path(row["image_path"])),
-            str(ctx.path(row["mask_path"])),
-            (width, height),
-            size,
-            settings,
-            sample_json(doc),
-            tuple(present),
-            meta,
-        )
-        return Unit(key, split, payload)
+        doc_bytes = sample_json(doc)
+        mask_path = ctx.path(row["mask_path"])
+        image_path = str(ctx.path(row["image_path"]))
+        payload = (image_path, str(mask_path), (width, height), size, settings, doc_bytes)
+        inputs = None
+        try:
+            mask_digest = hashlib.sha256(mask_path.read_bytes()).hexdigest()
+        except OSError:
+            mask_digest = None  # not cached: the encoder reports the missing mask
+        if row["file_sha256"] and mask_digest:
+            inputs = {
+                "npz": row["file_sha256"],
+                "mask": mask_digest,
+                "size": [width, height, *size],
+                "json": digest(doc_bytes),
+            }
+        return Unit(key, split, payload, (SampleRow(key, meta, tuple(present)),), inputs)
 
     classes: dict[str, Any] = {
         "task": "segmentation",
@@ -152,11 +162,12 @@ def plan(ctx: PackContext) -> ProductPlan:
         },
         skipped=skipped,
         chunksize=4,
+        code_modules=("stages.ingest.coasttrain",),  # load_coasttrain_image picks the pixels
     )
 
 
 def _encode(unit: Unit) -> UnitOut:
-    npz, mask_path, original, size, settings, doc, present, meta = unit.payload
+    npz, mask_path, original, size, settings, doc = unit.payload
     rgb = load_coasttrain_image(npz, settings.max_pixels)
     check_size(rgb, original, npz)
     mask = load_mask(Path(mask_path), original, settings.max_pixels)
@@ -168,7 +179,7 @@ def _encode(unit: Unit) -> UnitOut:
     return UnitOut(
         unit.key,
         unit.split,
-        (SampleOut(unit.key, sample_bytes(unit.key, members), meta, present),),
+        (SampleOut(unit.key, sample_bytes(unit.key, members)),),
         decodes=1,
     )
 

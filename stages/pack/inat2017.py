@@ -27,17 +27,17 @@ from stages.pack import (
     PackContext,
     ProductPlan,
     SampleOut,
+    SampleRow,
     Unit,
     UnitOut,
     check_key,
+    decode_for_size,
+    digest,
     encode_rgb,
     fit_max_side,
     guarded,
     num,
-    open_image,
     parse_json,
-    resize_rgb,
-    rgb_array,
     sample_json,
     select_samples,
 )
@@ -143,16 +143,20 @@ def plan(ctx: PackContext) -> ProductPlan:
             "label": labels.get("category"),
             "labels": row["labels"],
         }
+        doc_bytes = sample_json(doc)
         payload = (
             str(ctx.path(row["image_path"])),
             row["file_sha256"],
-            (out_w, out_h) if resized else None,
+            ((width, height), (out_w, out_h)) if resized else None,
             ctx.settings.image,
-            sample_json(doc),
+            doc_bytes,
             cls,
-            meta,
         )
-        return Unit(key, split, payload)
+        inputs = None
+        if row["file_sha256"]:
+            inputs = {"image": row["file_sha256"], "size": [out_w, out_h], "json": digest(doc_bytes)}
+            inputs["cls"] = cls
+        return Unit(key, split, payload, (SampleRow(key, meta, (cls,)),), inputs)
 
     return ProductPlan(
         keys=keys,
@@ -180,7 +184,7 @@ def plan(ctx: PackContext) -> ProductPlan:
 
 
 def _encode(unit: Unit) -> UnitOut:
-    path_str, sha256, size, settings, doc, cls, meta = unit.payload
+    path_str, sha256, size, settings, doc, cls = unit.payload
     settings: ImageSettings
     path = Path(path_str)
     try:
@@ -191,10 +195,11 @@ def _encode(unit: Unit) -> UnitOut:
         raise UpstreamFormatError(path, "file changed since ingest (sha256 differs from the sample table)")
     decodes = 0
     if size is not None:
-        rgb = rgb_array(open_image(path, settings.max_pixels))
+        original, out_size = size
+        rgb = decode_for_size(path, settings.max_pixels, original, out_size)  # a reduced decode
         decodes = 1
         data = encode_rgb(
-            resize_rgb(rgb, size),
+            rgb,
             ImageSettings(
                 "jpg", settings.jpeg_quality, settings.png_compress_level, None, settings.max_pixels
             ),
@@ -203,7 +208,7 @@ def _encode(unit: Unit) -> UnitOut:
     return UnitOut(
         unit.key,
         unit.split,
-        (SampleOut(unit.key, sample_bytes(unit.key, members), meta, (cls,)),),
+        (SampleOut(unit.key, sample_bytes(unit.key, members)),),
         decodes=decodes,
     )
 

@@ -1,7 +1,9 @@
 """reef-images product: one sample per whole image (MERMAID, CoralNet, Seatizen), multilabel.
 
-Members: `jpg` or `png` (the image, RGB, its longer side bounded by `max_side`, LANCZOS, product
-encoder settings; metadata stripped), `seg.png` where the sample has a mask (Seatizen: PNG mode L,
+Members: `jpg`, `png` or `webp` (the image, RGB, its longer side bounded by `max_side`, product
+encoder settings; metadata stripped; a JPEG that is shrunk is decoded at the smallest DCT scale
+that covers the output, then resized with LANCZOS and `reducing_gap`, see codec.decode_for_size),
+`seg.png` where the sample has a mask (Seatizen: PNG mode L,
 resized with nearest neighbour exactly like the image; values as in
 `data/interim/seatizen/mask_classes.json`, 0 = unlabelled, listed under `seg` in classes.json),
 and `json`:
@@ -27,6 +29,7 @@ No `cls`: a reef image has many labels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -36,21 +39,20 @@ from stages.pack import (
     PackContext,
     ProductPlan,
     SampleOut,
+    SampleRow,
     Unit,
     UnitOut,
     check_key,
-    check_size,
+    decode_for_size,
+    digest,
     encode_mask,
     encode_rgb,
     fit_max_side,
     guarded,
     load_mask,
     num,
-    open_image,
     parse_json,
     resize_mask,
-    resize_rgb,
-    rgb_array,
     sample_json,
     select_samples,
 )
@@ -61,6 +63,7 @@ from stages.taxonomy_index import TOP_LEVEL_CATEGORIES, Taxonomy
 COLUMNS = [
     "upstream_id",
     "image_path",
+    "file_sha256",
     "width",
     "height",
     "license",
@@ -204,17 +207,18 @@ def plan(ctx: PackContext) -> ProductPlan:
             "labels": row["labels"],
         }
         mask = str(ctx.path(row["mask_path"])) if row["mask_path"] is not None else None
-        payload = (
-            str(ctx.path(row["image_path"])),
-            (width, height),
-            size,
-            mask,
-            settings,
-            sample_json(doc),
-            positives,
-            meta,
-        )
-        return Unit(key, split, payload)
+        doc_bytes = sample_json(doc)
+        payload = (str(ctx.path(row["image_path"])), (width, height), size, mask, settings, doc_bytes)
+        inputs = None
+        mask_digest = _file_digest(Path(mask)) if mask is not None else None
+        if row["file_sha256"] and (mask is None or mask_digest is not None):
+            inputs = {
+                "image": row["file_sha256"],
+                "mask": mask_digest,
+                "size": [width, height, *size],
+                "json": digest(doc_bytes),
+            }
+        return Unit(key, split, payload, (SampleRow(key, meta, positives),), inputs)
 
     classes = space.class_map()
     classes["task"] = "multilabel"
@@ -244,18 +248,23 @@ def plan(ctx: PackContext) -> ProductPlan:
     )
 
 
+def _file_digest(path: Path) -> str | None:
+    """sha256 of a mask file (an ingest output: small), None when it cannot be read: the unit is
+    then not cached and its encoder reports the problem."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _encode(unit: Unit) -> UnitOut:
-    path_str, original, size, mask_path, settings, doc, positives, meta = unit.payload
-    path = Path(path_str)
-    rgb = rgb_array(open_image(path, settings.max_pixels))
-    check_size(rgb, original, path)
-    members = {settings.ext: encode_rgb(resize_rgb(rgb, size), settings), "json": doc}
-    decodes = 1
+    path_str, original, size, mask_path, settings, doc = unit.payload
+    rgb = decode_for_size(Path(path_str), settings.max_pixels, original, size)
+    members = {settings.ext: encode_rgb(rgb, settings), "json": doc}
     if mask_path is not None:
         mask = load_mask(Path(mask_path), original, settings.max_pixels)
         members["seg.png"] = encode_mask(resize_mask(mask, size), settings)
-    sample = SampleOut(unit.key, sample_bytes(unit.key, members), meta, positives)
-    return UnitOut(unit.key, unit.split, (sample,), decodes=decodes)
+    return UnitOut(unit.key, unit.split, (SampleOut(unit.key, sample_bytes(unit.key, members)),), decodes=1)
 
 
 def encode(unit: Unit) -> UnitOut:

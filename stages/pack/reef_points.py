@@ -1,58 +1,77 @@
-"""reef-points product: one sample per annotated point, the pyspacer patch around it.
+"""reef-points product: pyspacer patches around annotated points, or whole images with their points.
 
 Work unit = one image with all its points (in (row, col, point_id) order): the image is decoded
 once and every patch is cut from that one decode, so units, shard order and cut points are by the
 image's sample id, not the point's. Points of an image therefore sit together in one shard (a
 shuffle buffer of a few hundred samples mixes them; they share a split anyway).
 
-The patch is pyspacer's (`spacer.extract_features.crop_patches`): the RGB image is reflect-padded
-by `patch_size` on every side (`np.pad(..., mode="reflect")`) and the window of `patch_size`
-square whose top-left is `int(row + patch_size - patch_size / 2)`, `int(col + ...)` in padded
-coordinates is taken, unresized. For the default 224 that is `(row + 112, col + 112)`, i.e.
-SOURCES §2's `(row+224-112, col+224-112)`; for an odd size pyspacer's truncation gives
-`row + patch_size // 2`. Images are converted to RGB first (palette expanded, alpha dropped).
-
-Members: `png` or `jpg` (the patch, product encoder settings), `cls` (class index at
+`layout: patches` (default): one sample per kept point. The patch is pyspacer's
+(`spacer.extract_features.crop_patches`): the RGB image reflect-padded by `patch_size` on every
+side (`np.pad(..., mode="reflect")`), and the `patch_size` square whose top-left is
+`int(row + patch_size - patch_size / 2)`, `int(col + ...)` in padded coordinates, unresized. For
+the default 224 that is `(row + 112, col + 112)`, i.e. SOURCES §2's `(row+224-112, col+224-112)`;
+for an odd size pyspacer's truncation gives `row + patch_size // 2`. Images are converted to RGB
+first (palette expanded, alpha dropped). Only windows that cross the border get reflected pixels
+(codec.cut_patch): the same pixels, without padding the whole image.
+Members: `webp`, `png` or `jpg` (the patch, product encoder settings), `cls` (class index at
 `label_level`, see ReefClasses), `json`: key, point_id, sample_id, image_id (upstream), source,
 split, license, attribution, point {row, col}, image {width, height}, patch {size, top, left}
 (window in image coordinates; may extend past the border, where pixels are reflected), labels
 {benthic_attribute_id/name, growth_form_id/name, top_level_category, source_label_id,
 source_label}, class {level, index, name}, region, lat, lon, captured_at.
+
+`layout: images`: one sample per image (key = the image's sample id). Members: `jpg` or `png`,
+the upstream file's bytes unchanged (checked against the sha256 ingest recorded; an image in
+another format is decoded and stored losslessly, as `webp` or `png`), and `json`: sample_id,
+image_id, source, split, license, attribution, image {width, height, format}, patch_size,
+points [{point_id, row, col, labels, class}] in (row, col, point_id) order, region, lat, lon,
+captured_at. No `cls`. The reader in docs/pack.md cuts pyspacer's patches from it on the fly.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from stages import products as prod
 from stages.errors import UpstreamFormatError
+from stages.imaging import ImageProblem, open_bounded
 from stages.pack import (
+    ImageSettings,
     PackContext,
     ProductPlan,
     SampleOut,
+    SampleRow,
     Unit,
     UnitOut,
     check_key,
     check_size,
+    cut_patch,
+    digest,
     encode_rgb,
     guarded,
     num,
     open_image,
-    read_table,
+    read_arrow,
+    release_memory,
     rgb_array,
     sample_json,
     select_samples,
 )
+from stages.pack.codec import window
 from stages.pack.tarwriter import sample_bytes
 from stages.taxonomy_index import TOP_LEVEL_CATEGORIES, Taxonomy
 
 COLUMNS = [
     "upstream_id",
     "image_path",
+    "image_format",
+    "file_sha256",
     "width",
     "height",
     "license",
@@ -75,6 +94,19 @@ POINT_COLUMNS = [
     "growth_form_name",
     "top_level_category",
 ]
+# Repeated strings: dictionary-encoded, so the points table costs a few bytes per point per
+# column instead of a string each (5M points stay well under a GiB).
+DICTIONARY_COLUMNS = (
+    "sample_id",
+    "source_label_id",
+    "source_label",
+    "benthic_attribute_id",
+    "benthic_attribute_name",
+    "growth_form_id",
+    "growth_form_name",
+    "top_level_category",
+)
+UPSTREAM_EXT = {"JPEG": "jpg", "PNG": "png"}
 
 
 class ReefClasses:
@@ -204,87 +236,130 @@ class ReefClasses:
         }
 
 
-def load_points(ctx: PackContext, selected: pd.DataFrame) -> pd.DataFrame:
-    frames = [
-        read_table(ctx.interim(s) / "points.parquet", POINT_COLUMNS, f"point table of {s}")
+def load_points(ctx: PackContext, selected_ids: list[str]) -> tuple[pa.Table, dict[str, tuple[int, int]]]:
+    """The points of the selected images in (sample_id, row, col, point_id) order, kept in Arrow,
+    and each image's span of rows [start, end) in that table."""
+    tables = [
+        read_arrow(
+            ctx.interim(s) / "points.parquet", POINT_COLUMNS, f"point table of {s}", DICTIONARY_COLUMNS
+        )
         for s in ctx.product.sources
     ]
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in POINT_COLUMNS})
-    points = prod.product_points(ctx.product, pd.concat(frames, ignore_index=True), selected)
-    return points.sort_values(["sample_id", "row", "col", "point_id"], kind="stable").reset_index(drop=True)
-
-
-def window(row: int, col: int, size: int) -> tuple[int, int]:
-    """Top-left of the patch in reflect-padded coordinates, exactly pyspacer's `crop_simple`."""
-    return int(row + size - size / 2), int(col + size - size / 2)
+    wanted = pa.array(selected_ids, pa.string())
+    tables = [t.filter(pc.is_in(t.column("sample_id"), value_set=wanted)) for t in tables if t.num_rows]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in POINT_COLUMNS}), {}
+    table = pa.concat_tables(tables, promote_options="permissive").unify_dictionaries().combine_chunks()
+    del tables
+    sample = table.column("sample_id").chunk(0) if table.num_rows else None
+    if not isinstance(sample, pa.DictionaryArray):
+        sample = pc.dictionary_encode(table.column("sample_id")).combine_chunks()
+    names = sample.dictionary
+    indices = sample.indices.to_numpy(zero_copy_only=False)
+    keep_name = pc.is_in(names, value_set=pa.array(selected_ids, pa.string())).to_numpy(zero_copy_only=False)
+    rank_of_name = np.empty(len(names), dtype=np.int64)
+    rank_of_name[pc.sort_indices(names).to_numpy()] = np.arange(len(names))
+    mask = keep_name[indices]
+    table = table.filter(pa.array(mask)).append_column("_rank", pa.array(rank_of_name[indices[mask]]))
+    table = table.sort_by(
+        [("_rank", "ascending"), ("row", "ascending"), ("col", "ascending"), ("point_id", "ascending")]
+    )
+    ranks = table.column("_rank").to_numpy()
+    table = table.drop_columns(["_rank"])
+    spans: dict[str, tuple[int, int]] = {}
+    if len(ranks):
+        starts = np.flatnonzero(np.r_[True, ranks[1:] != ranks[:-1]])
+        ends = np.r_[starts[1:], len(ranks)]
+        name_of_rank = pc.sort_indices(names).to_numpy()
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            spans[names[int(name_of_rank[ranks[start]])].as_py()] = (start, end)
+    release_memory()  # the read and sort copies are done with
+    return table, spans
 
 
 def plan(ctx: PackContext) -> ProductPlan:
-    selected, skipped = select_samples(ctx, COLUMNS)
-    points = load_points(ctx, selected)
+    # The ingest labels JSON is the largest column; only the images layout's manifest uses it.
+    selected, skipped = select_samples(ctx, COLUMNS, labels=ctx.settings.layout == "images")
+    selected = selected.drop(columns=["phash", "mask_path"])
+    points, spans = load_points(ctx, [str(s) for s in selected["sample_id"]])
     classes = ReefClasses(Taxonomy.load(ctx.taxonomy_dir), ctx.settings.label_level)
     size = int(ctx.settings.patch_size or 224)
     rows = {sid: row for sid, row in zip(selected["sample_id"], selected.to_dict("records"))}
-    cols = {c: points[c].tolist() for c in POINT_COLUMNS}
-    spans: dict[str, tuple[int, int]] = {}
-    for i, sid in enumerate(cols["sample_id"]):
-        start, _ = spans.get(sid, (i, i))
-        spans[sid] = (start, i + 1)
+    del selected
     keys: dict[str, list[str]] = {}
     no_points = 0
-    for sid, split in zip(selected["sample_id"], selected["split"]):
+    for sid in sorted(rows):
         if sid not in spans:
             no_points += 1  # usable per its labels, yet no point row: counted, not packed
             continue
-        keys.setdefault(split, []).append(check_key(sid, f"reef-points image {sid}"))
+        keys.setdefault(rows[sid]["split"], []).append(check_key(sid, f"reef-points image {sid}"))
     if no_points:
         skipped = dict(sorted({**skipped, "no_point_rows": no_points}.items()))
-    ext = ctx.settings.image.ext
+    layout = ctx.settings.layout
+    settings = ctx.settings.image
+    ext = settings.ext
 
-    def make_unit(key: str, split: str) -> Unit:
-        img = rows[key]
+    def point_records(key: str) -> list[dict[str, Any]]:
         start, end = spans[key]
-        samples = []
-        for i in range(start, end):
-            point_id = check_key(cols["point_id"][i], f"reef-points point of {key}")
-            row, col = int(cols["row"][i]), int(cols["col"][i])
-            attr_id, gf_id, top = (
-                cols["benthic_attribute_id"][i],
-                cols["growth_form_id"][i],
-                cols["top_level_category"][i],
-            )
+        img = rows[key]
+        out = []
+        for p in points.slice(start, end - start).to_pylist():
+            point_id = check_key(p["point_id"], f"reef-points point of {key}")
             where = f"data/interim/{img['source']}/points.parquet point {point_id}"
+            attr_id, gf_id, top = p["benthic_attribute_id"], p["growth_form_id"], p["top_level_category"]
             cls = classes.index(attr_id, gf_id, top, where)
             labels = {
                 "benthic_attribute_id": attr_id,
-                "benthic_attribute_name": cols["benthic_attribute_name"][i],
+                "benthic_attribute_name": p["benthic_attribute_name"],
                 "growth_form_id": gf_id,
-                "growth_form_name": cols["growth_form_name"][i],
+                "growth_form_name": p["growth_form_name"],
                 "top_level_category": top,
-                "source_label_id": cols["source_label_id"][i],
-                "source_label": cols["source_label"][i],
+                "source_label_id": p["source_label_id"],
+                "source_label": p["source_label"],
             }
+            out.append(
+                {
+                    "point_id": point_id,
+                    "row": int(p["row"]),
+                    "col": int(p["col"]),
+                    "cls": cls,
+                    "labels": labels,
+                }
+            )
+        return out
+
+    def common(img: dict[str, Any], key: str, split: str) -> dict[str, Any]:
+        return {
+            "sample_id": key,
+            "image_id": img["upstream_id"],
+            "source": img["source"],
+            "split": split,
+            "license": img["license"],
+            "attribution": img["attribution"],
+            "region": img["region"],
+            "lat": num(img["lat"]),
+            "lon": num(img["lon"]),
+            "captured_at": img["captured_at"],
+        }
+
+    def make_patches_unit(key: str, split: str) -> Unit:
+        img = rows[key]
+        base = common(img, key, split)
+        width, height = int(img["width"]), int(img["height"])
+        samples, sample_rows = [], []
+        for p in point_records(key):
+            point_id, row, col, cls = p["point_id"], p["row"], p["col"], p["cls"]
             top_pad, left_pad = window(row, col, size)
             doc = {
+                **base,
                 "key": point_id,
                 "point_id": point_id,
-                "sample_id": key,
-                "image_id": img["upstream_id"],
-                "source": img["source"],
-                "split": split,
-                "license": img["license"],
-                "attribution": img["attribution"],
                 "point": {"row": row, "col": col},
-                "image": {"width": int(img["width"]), "height": int(img["height"])},
+                "image": {"width": width, "height": height},
                 "patch": {"size": size, "top": top_pad - size, "left": left_pad - size},
-                "labels": labels,
+                "labels": p["labels"],
                 "class": {"level": classes.level, "index": cls, "name": classes.name(cls)},
-                "region": img["region"],
-                "lat": num(img["lat"]),
-                "lon": num(img["lon"]),
-                "captured_at": img["captured_at"],
             }
             meta = {
                 "sample_id": key,
@@ -296,51 +371,144 @@ def plan(ctx: PackContext) -> ProductPlan:
                 "label": classes.name(cls),
                 "row": row,
                 "col": col,
-                "labels": sample_json(labels).decode(),
+                "labels": sample_json(p["labels"]).decode(),
             }
-            samples.append((point_id, row, col, sample_json(doc), cls, meta))
-        payload = (
-            str(ctx.path(img["image_path"])),
-            int(img["width"]),
-            int(img["height"]),
-            size,
-            ext,
-            ctx.settings.image,
-            tuple(samples),
-        )
-        return Unit(key, split, payload)
+            samples.append((point_id, row, col, sample_json(doc), cls))
+            sample_rows.append(SampleRow(point_id, meta, (cls,)))
+        payload = (str(ctx.path(img["image_path"])), width, height, size, ext, settings, tuple(samples))
+        inputs = None
+        if img["file_sha256"]:
+            inputs = {
+                "image": img["file_sha256"],
+                "size": [width, height],
+                "samples": digest(*(part for s in samples for part in s)),
+            }
+        return Unit(key, split, payload, tuple(sample_rows), inputs)
 
-    n_points = sum(e - s for s, e in spans.values())
+    def make_images_unit(key: str, split: str) -> Unit:
+        img = rows[key]
+        width, height = int(img["width"]), int(img["height"])
+        pts = point_records(key)
+        doc = {
+            **common(img, key, split),
+            "image": {"width": width, "height": height, "format": img["image_format"]},
+            "patch_size": size,
+            "label_level": classes.level,
+            "points": [
+                {
+                    "point_id": p["point_id"],
+                    "row": p["row"],
+                    "col": p["col"],
+                    "labels": p["labels"],
+                    "class": {"index": p["cls"], "name": classes.name(p["cls"])},
+                }
+                for p in pts
+            ],
+        }
+        meta = {
+            "sample_id": key,
+            "source": img["source"],
+            "upstream_id": img["upstream_id"],
+            "license": img["license"],
+            "labels": img.get("labels"),
+        }
+        doc_bytes = sample_json(doc)
+        payload = (str(ctx.path(img["image_path"])), img["file_sha256"], width, height, settings, doc_bytes)
+        row = SampleRow(key, meta, tuple(p["cls"] for p in pts))
+        inputs = (
+            {"image": img["file_sha256"], "size": [width, height], "json": digest(doc_bytes)}
+            if img["file_sha256"]
+            else None
+        )
+        return Unit(key, split, payload, (row,), inputs)
+
+    n_points = sum(spans[k][1] - spans[k][0] for ks in keys.values() for k in ks)
+    if layout == "images":
+        fields = {
+            "jpg": "the whole image: the upstream JPEG bytes, unchanged",
+            "png": "the whole image: the upstream PNG bytes, unchanged",
+            "json": f"all points of the image with their labels and classes; cut the {size}x{size} "
+            "pyspacer patches with the reader in the dataset card",
+        }
+        if ext == "webp":
+            fields["webp"] = "the whole image, lossless WebP (upstream formats other than JPEG and PNG)"
+        encode, make_unit, chunksize = encode_images, make_images_unit, 4
+    else:
+        fields = {
+            ext: f"the {size}x{size} pyspacer patch centred on the point (reflect padding, no resize)",
+            "cls": f"class index at label level `{classes.level}` (classes.json)",
+            "json": "point, image id, all labels of the point, source, licence and attribution",
+        }
+        encode, make_unit, chunksize = encode_patches, make_patches_unit, 1  # a unit is tens of patches
     return ProductPlan(
         keys=keys,
         make_unit=make_unit,
         encode=encode,
         classes=classes.class_map(),
-        fields={
-            ext: f"the {size}x{size} pyspacer patch centred on the point (reflect padding, no resize)",
-            "cls": f"class index at label level `{classes.level}` (classes.json)",
-            "json": "point, image id, all labels of the point, source, licence and attribution",
-        },
+        fields=fields,
         skipped=skipped,
-        chunksize=1,  # a unit is already tens of patches
+        chunksize=chunksize,
         extra_metrics={"points": n_points, "images": sum(len(v) for v in keys.values())},
+        num_classes=classes.num_classes,
     )
 
 
-def _encode(unit: Unit) -> UnitOut:
+def _encode_patches(unit: Unit) -> UnitOut:
     path_str, width, height, size, ext, settings, samples = unit.payload
     path = Path(path_str)
     rgb = rgb_array(open_image(path, settings.max_pixels))
     check_size(rgb, (width, height), path)
-    padded = np.pad(rgb, ((size, size), (size, size), (0, 0)), mode="reflect")
     out = []
-    for key, row, col, doc, cls, meta in samples:
-        top, left = window(row, col, size)
-        patch = padded[top : top + size, left : left + size]
-        members = {ext: encode_rgb(patch, settings), "cls": b"%d" % cls, "json": doc}
-        out.append(SampleOut(key, sample_bytes(key, members), meta, (cls,)))
+    for key, row, col, doc, cls in samples:
+        members = {ext: encode_rgb(cut_patch(rgb, row, col, size), settings), "cls": b"%d" % cls, "json": doc}
+        out.append(SampleOut(key, sample_bytes(key, members)))
     return UnitOut(unit.key, unit.split, tuple(out), decodes=1)
 
 
-def encode(unit: Unit) -> UnitOut:
-    return guarded(_encode, unit)
+def encode_patches(unit: Unit) -> UnitOut:
+    return guarded(_encode_patches, unit)
+
+
+def _encode_images(unit: Unit) -> UnitOut:
+    path_str, sha256, width, height, settings, doc = unit.payload
+    settings: ImageSettings
+    path = Path(path_str)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UpstreamFormatError(path, f"cannot read image: {exc}") from exc
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise UpstreamFormatError(path, "file changed since ingest (sha256 differs from the sample table)")
+    try:
+        header = open_bounded(data, settings.max_pixels)
+    except ImageProblem as exc:
+        raise UpstreamFormatError(path, f"image does not open: {exc.detail}") from exc
+    if header.size != (width, height):
+        raise UpstreamFormatError(
+            path, f"image is {header.size[0]}x{header.size[1]}, the sample table says {width}x{height}"
+        )
+    decodes = 0
+    ext = UPSTREAM_EXT.get(str(header.format))
+    if ext is None:
+        # Not a JPEG or PNG: keep it lossless in the product's lossless codec (PNG unless WebP).
+        rgb = rgb_array(open_image(path, settings.max_pixels))
+        lossless = (
+            settings
+            if settings.lossless
+            else ImageSettings(
+                "png", settings.jpeg_quality, settings.png_compress_level, None, settings.max_pixels
+            )
+        )
+        ext, data, decodes = lossless.ext, encode_rgb(rgb, lossless), 1
+    members = {ext: data, "json": doc}
+    return UnitOut(
+        unit.key, unit.split, (SampleOut(unit.key, sample_bytes(unit.key, members)),), decodes=decodes
+    )
+
+
+def encode_images(unit: Unit) -> UnitOut:
+    return guarded(_encode_images, unit)
+
+
+# Kept for callers of the patches encoder under its old name.
+encode = encode_patches
