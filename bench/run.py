@@ -268,6 +268,18 @@ def stage_sum(stages: dict[str, dict[str, Any]], names: tuple[str, ...], key: st
     return round(sum(stages[n][key] for n in names if n in stages), 3)
 
 
+def work_units(stats: dict[str, Any]) -> dict[str, int]:
+    """{"computed", "reused"} of one stage's work-cache stats file (ingest: per namespace; pack:
+    units_computed / units_reused)."""
+    if "units_computed" in stats or "units_reused" in stats:
+        return {"computed": int(stats.get("units_computed", 0)), "reused": int(stats.get("units_reused", 0))}
+    out = {"computed": 0, "reused": 0}
+    for counters in (stats.get("namespaces") or {}).values():
+        for k in out:
+            out[k] += int(counters.get(k, 0))
+    return out
+
+
 def output_digests(root: Path) -> dict[str, str]:
     """md5 of every ingest, dedup and release output (shards from their wids indexes)."""
     import hashlib
@@ -430,8 +442,7 @@ def main_build(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             shutil.rmtree(stats_dir, ignore_errors=True)
             r["growth"]["repro"] = b.dvc(pipeline, "growth", "repro")
             r["growth"]["cache"] = {
-                p.stem: json.loads(p.read_text(encoding="utf-8"))["namespaces"]
-                for p in sorted(stats_dir.glob("*.json"))
+                p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(stats_dir.glob("*.json"))
             }
             r["growth"]["cpu_vs_build"] = round(r["growth"]["repro"]["cpu_s"] / r["build"]["cpu_s"], 4)
             r["growth"]["images_after"] = count_images(root / "data" / "raw")
@@ -576,10 +587,7 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
                 "refresh ledgers; samplegen at scale x1.01; bump sources.*.snapshot; dvc repro",
             ]
         )
-        units = {
-            stage: {k: v for ns in spaces.values() for k, v in ns.items() if k in ("computed", "reused")}
-            for stage, spaces in (g.get("cache") or {}).items()
-        }
+        units = {stage: work_units(doc) for stage, doc in (g.get("cache") or {}).items()}
         computed = sum(u.get("computed", 0) for u in units.values())
         reused = sum(u.get("reused", 0) for u in units.values())
         rows.append(

@@ -93,8 +93,13 @@ def samples_table(corpus: dict[str, Any], source: str) -> dict[str, dict[str, An
 
 
 def read_split(out: Path, split_name: str) -> tuple[dict[str, Any], list[list[dict[str, Any]]]]:
-    """The wids index of a split and, per shard, its samples as webdataset yields them."""
-    index = json.loads((out / f"{split_name}.index.json").read_text())
+    """The wids index of a split and, per shard, its samples as webdataset yields them (an empty
+    split has no index: ({"shardlist": []}, []))."""
+    path = out / f"{split_name}.index.json"
+    if not path.exists():
+        assert json.loads((out / "product.json").read_text())["splits"][split_name]["samples"] == 0
+        return {"shardlist": []}, []
+    index = json.loads(path.read_text())
     shards = []
     for entry in index["shardlist"]:
         shards.append(list(wds.WebDataset(str(out / entry["url"]), shardshuffle=False)))
@@ -125,7 +130,8 @@ def test_every_shard_opens_with_webdataset_and_matches_index_and_manifest(
     seen: list[str] = []
     for split_name in ("train", "val", "test"):
         index, shards = read_split(out, split_name)
-        assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+        if shards:  # an empty split has no index (read_split checks product.json says so)
+            assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
         assert [e["url"] for e in index["shardlist"]] == [
             f"{split_name}-{i:06d}.tar" for i in range(len(shards))
         ]
@@ -145,7 +151,8 @@ def test_every_shard_opens_with_webdataset_and_matches_index_and_manifest(
                     assert int(sample["cls"]) == row["cls"]
                 # the manifest's offset points at the sample's first header
                 header = data[row["offset"] : row["offset"] + 100].rstrip(b"\0").decode()
-                assert header.startswith(sample["__key__"] + ".") or header == "././@PaxHeader"
+                assert header.startswith(sample["__key__"] + ".")  # no pax header: names fit
+                assert doc.get("point_id", doc.get("sample_id")) in (row["point_id"], row["sample_id"])
             seen += [s["__key__"] for s in samples]
         assert (
             sum(e["nsamples"] for e in index["shardlist"])
@@ -263,7 +270,7 @@ def test_seg_png_decodes_to_the_original_class_ids(corpus: dict[str, Any]):
     for split_name in ("train", "val", "test"):
         _, shards = read_split(release(corpus, "coast-seg"), split_name)
         for sample in (s for shard in shards for s in shard):
-            row = coast[sample["__key__"]]
+            row = coast[json.loads(sample["json"])["sample_id"]]  # the key may be shortened
             seg = Image.open(io.BytesIO(sample["seg.png"]))
             assert seg.mode == "L"
             original = np.asarray(Image.open(corpus["interim"].parent.parent / row["mask_path"]))
@@ -280,7 +287,7 @@ def test_seg_png_decodes_to_the_original_class_ids(corpus: dict[str, Any]):
         for sample in (s for shard in shards for s in shard):
             if "seg.png" not in sample:
                 continue
-            row = seatizen[sample["__key__"]]
+            row = seatizen[json.loads(sample["json"])["sample_id"]]
             seg = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
             assert np.array_equal(
                 seg, np.asarray(Image.open(corpus["interim"].parent.parent / row["mask_path"]))
@@ -719,10 +726,14 @@ def test_a_changed_setting_or_code_version_re_encodes_what_it_touches_and_only_t
 
 
 def documented_reader() -> Any:
-    """The reader function exactly as docs/pack.md prints it (the code block after its marker)."""
+    """The reader function exactly as docs/pack.md prints it (the code block after its marker),
+    which is also exactly what the card prints (stages.card.readers)."""
+    from stages.card.readers import REEF_PATCHES
+
     text = (REPO / "docs" / "pack.md").read_text(encoding="utf-8")
     after = text.split("<!-- reader: reef-points images -->", 1)[1]
     block = after.split("```python\n", 1)[1].split("```", 1)[0]
+    assert block == REEF_PATCHES, "docs/pack.md and the card print different readers"
     namespace: dict[str, Any] = {}
     exec(compile(block, "docs/pack.md", "exec"), namespace)  # noqa: S102 - our own documentation
     return namespace["reef_patches"]
@@ -756,6 +767,11 @@ def test_images_layout_keeps_upstream_bytes_and_its_reader_cuts_the_patches_layo
                                  shardshuffle=False):  # fmt: skip
         want[sample["__key__"]] = np.asarray(Image.open(io.BytesIO(sample["webp"])))
     reef_patches = documented_reader()
+    # The card prints the same function, with the lines that point it at this product's shards.
+    from stages.card.readers import REEF_PATCHES
+
+    card_text = (out / "README.md").read_text(encoding="utf-8")
+    assert REEF_PATCHES in card_text and reef_patches.__doc__ in REEF_PATCHES
     seen = 0
     for patch, point, meta in reef_patches(shards):
         assert meta["patch_size"] == 64 and patch.shape == (64, 64, 3)
@@ -779,7 +795,7 @@ def test_a_dvc_repro_rebuild_reuses_shards_from_the_dvc_cache(
     (root / ".dvc").mkdir()
     (root / ".dvc" / "config").write_text("[cache]\n    dir = ../dvc-cache\n")
     for split_name in ("train", "val", "test"):
-        for entry in json.loads((out / f"{split_name}.index.json").read_text())["shardlist"]:
+        for entry in read_split(out, split_name)[0]["shardlist"]:
             md5 = entry["md5sum"]
             target = root / "dvc-cache" / "files" / "md5" / md5[:2] / md5[2:]
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -812,3 +828,81 @@ def test_pack_selects_exactly_the_samples_stages_products_selects(corpus: dict[s
     assert sum(skipped.values()) == len(samples) - len(expected)
     if product != "reef-points":  # reef-points adds images without point rows to its own count
         assert corpus["metrics"][product]["skipped"] == skipped
+
+
+def test_inat_png_bytes_under_a_jpg_name_are_shipped_as_jpeg(corpus: dict[str, Any], tmp_path: Path):
+    # iNat's folder can hold PNG bytes under a .jpg name (ingest records image_format png): the
+    # `jpg` member must still be a JPEG, of the same picture; JPEG files keep their bytes.
+    samples = pq.read_table(corpus["interim"] / "inat2017" / "samples.parquet")
+    rows = samples.to_pylist()
+    packed = set(pq.read_table(release(corpus, "inat2017") / "manifest.parquet")["sample_id"].to_pylist())
+    target = next(r for r in rows if r["sample_id"] in packed)
+    with Image.open(corpus["root"] / target["image_path"]) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    dest = tmp_path / "p"
+    png_path = Path("data") / "png" / Path(target["image_path"]).name
+    (dest / "root" / png_path).parent.mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    png_sha = hashlib.sha256(buf.getvalue()).hexdigest()
+    for r in rows:
+        if r["sample_id"] == target["sample_id"]:
+            r.update(image_path=str(png_path), image_format="png", file_sha256=png_sha)
+    table = pa.Table.from_pylist(rows, schema=samples.schema)
+    root = full_root(corpus, dest, {"inat2017/samples.parquet": table})
+    (root / png_path).write_bytes(buf.getvalue())
+    out = tmp_path / "release"
+    pack_product(corpus["params"], "inat2017", root, out_dir=out, metrics_path=tmp_path / "m.json")
+    by_id = {r["sample_id"]: r for r in rows}
+    seen = 0
+    for sample in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False):
+        meta = json.loads(sample["json"])
+        with Image.open(io.BytesIO(sample["jpg"])) as img:
+            assert img.format == "JPEG", sample["__key__"]
+            decoded = np.asarray(img.convert("RGB"))
+        if sample["__key__"] == target["sample_id"]:
+            assert meta["image"]["reencoded"] and meta["image"]["upstream_format"] == "png"
+            assert decoded.shape == pixels.shape
+            assert np.abs(decoded.astype(int) - pixels.astype(int)).mean() < 8  # the same picture
+        else:
+            assert hashlib.sha256(sample["jpg"]).hexdigest() == by_id[sample["__key__"]]["file_sha256"]
+        seen += sample["__key__"] == target["sample_id"]
+    assert seen == 1
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_manifest_has_typed_label_and_place_columns_matching_the_samples(
+    corpus: dict[str, Any], product: str
+):
+    folder = release(corpus, product)
+    manifest = pq.read_table(folder / "manifest.parquet")
+    schema = manifest.schema
+    assert schema.field("classes").type == pa.list_(pa.string())
+    assert schema.field("lat").type == schema.field("lon").type == pa.float64()
+    assert schema.field("width").type == pa.int32() and schema.field("site").type == pa.string()
+    rows = {r["key"]: r for r in manifest.to_pylist()}
+    names = {int(c["index"]): c["name"] for c in json.loads((folder / "classes.json").read_text())["classes"]}
+    table: dict[str, dict[str, Any]] = {}
+    for src in json.loads((folder / "product.json").read_text())["sources"]:
+        table.update(samples_table(corpus, src))
+    placed = 0
+    for sample in wds.WebDataset(sorted(str(p) for p in folder.glob("*.tar")), shardshuffle=False):
+        row, doc = rows[sample["__key__"]], json.loads(sample["json"])
+        upstream = table[row["sample_id"]]
+        assert (row["width"], row["height"]) == (upstream["width"], upstream["height"])
+        assert row["attribution"] == upstream["attribution"] and row["site"] == upstream["site"]
+        assert row["captured_at"] == upstream["captured_at"] == doc.get("captured_at")
+        assert row["lat"] == doc.get("lat") and row["lon"] == doc.get("lon")
+        placed += row["lat"] is not None
+        if "cls" in sample:
+            assert row["classes"] == [names[int(sample["cls"])]] == [row["label"]]
+        else:
+            assert row["classes"] and set(row["classes"]) <= set(names.values())
+        if product == "reef-points":
+            labels = doc["labels"]
+            assert row["benthic_attribute"] == labels["benthic_attribute_name"]
+            assert row["source_label"] == labels["source_label"]
+            assert row["growth_form"] == labels["growth_form_name"]
+        else:
+            assert row["benthic_attribute"] is None
+    assert placed > 0  # some sources give positions, and they reach the manifest

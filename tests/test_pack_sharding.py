@@ -27,9 +27,10 @@ from stages.pack.sharding import (
     rewritten,
     shard_contents,
 )
-from stages.pack.tarwriter import BLOCK, RECORD, TarWriter, member_bytes, sample_bytes
+from stages.pack.tarwriter import BLOCK, RECORD, TarWriter, member_bytes, sample_bytes, tar_key
 
 LONG_KEY = "coasttrain-Orthophoto_12_001-" + "x" * 120  # over the 100-byte ustar name field
+SHORT = tar_key(LONG_KEY)  # what the shard names it
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
@@ -59,12 +60,13 @@ def test_tar_is_read_back_by_tarfile_with_fixed_metadata(tmp_path: Path):
         # members of a sample are contiguous and sorted by name
         assert names == [
             "mermaid-a1.cls", "mermaid-a1.json", "mermaid-a1.png",
-            f"{LONG_KEY}.json", f"{LONG_KEY}.png", f"{LONG_KEY}.seg.png",
+            f"{SHORT}.json", f"{SHORT}.png", f"{SHORT}.seg.png",
             "inat2017-3.cls", "inat2017-3.jpg", "inat2017-3.json",
         ]  # fmt: skip
         for m in members:
             assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) == (0, 0, 0, "", "", 0o644, b"0")
-        assert tar.extractfile(f"{LONG_KEY}.seg.png").read() == b"\x00\x01\x02"
+            assert not m.pax_headers and len(m.name) <= 100  # wids reads only the ustar name field
+        assert tar.extractfile(f"{SHORT}.seg.png").read() == b"\x00\x01\x02"
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="no tar binary")
@@ -73,7 +75,7 @@ def test_gnu_tar_lists_the_archive_without_warnings(tmp_path: Path):
     write_tar(path, SAMPLES)
     proc = subprocess.run(["tar", "tvf", str(path)], capture_output=True, text=True, check=True)
     assert proc.stderr == ""
-    assert f"{LONG_KEY}.seg.png" in proc.stdout
+    assert f"{SHORT}.seg.png" in proc.stdout
     assert proc.stdout.count("0/0") == 9
 
 
@@ -81,7 +83,7 @@ def test_webdataset_groups_samples_by_key(tmp_path: Path):
     path = tmp_path / "s.tar"
     write_tar(path, SAMPLES)
     got = list(wds.WebDataset(str(path), shardshuffle=False))
-    assert [s["__key__"] for s in got] == [k for k, _ in SAMPLES]
+    assert [s["__key__"] for s in got] == [tar_key(k) for k, _ in SAMPLES]
     for sample, (_, members) in zip(got, SAMPLES):
         assert {k: v for k, v in sample.items() if not k.startswith("__")} == members
 
@@ -245,3 +247,14 @@ def test_tar_bytes_of_a_sample_are_a_pure_function_of_its_members():
     writer.write_sample(one)
     writer.close()
     assert buf.getvalue().startswith(one)
+
+
+def test_long_keys_are_shortened_deterministically_and_stay_distinct():
+    a, b = LONG_KEY, LONG_KEY[:-1] + "y"  # differ only past the kept prefix
+    assert tar_key(a) == tar_key(a) != tar_key(b)
+    assert len(tar_key(a)) == 84 and tar_key(a).startswith(a[:63]) and "." not in tar_key(a)
+    short = "k" * 84
+    assert tar_key(short) == short  # 84 bytes + "." + a 15-byte extension still fit
+    assert len(member_bytes(f"{tar_key(a)}.{'e' * 15}", b"x")) == 2 * BLOCK  # no pax header
+    with pytest.raises(ValueError, match="extension"):
+        sample_bytes("k", {"e" * 16: b"x"})

@@ -209,11 +209,80 @@ def test_mlcroissant_record_sets_give_each_products_own_samples(corpus, truth, t
     masks = got["reef-images"]["members"]["seg.png"]
     assert 0 < len(masks) < len(got["reef-images"]["samples"])
     assert {m[2] for m in masks.values()} == {"L"}
-    # coast-seg: `png` records are the images only, not the masks too.
-    assert len(got["coast-seg"]["members"]["png"]) == len(got["coast-seg"]["samples"])
+    # coast-seg: the image records are the images only, not the masks too (a `*.png` include
+    # would also match `*.seg.png`; test_card checks the globs for png images).
+    coast_members = got["coast-seg"]["members"]
+    (image_ext,) = {e for e in coast_members if e in IMAGE_EXTS} - {"seg.png"}
+    assert len(coast_members[image_ext]) == len(coast_members["seg.png"]) == len(got["coast-seg"]["samples"])
     # The later release is read from its own shards, not from the first release's cached extraction.
     v2_json = got["coast-seg-v2"]["members"]["json"]
     assert dropped not in v2_json and set(v2_json) == set(got["coast-seg"]["members"]["json"]) - {dropped}
+
+
+# --- wids -----------------------------------------------------------------------------------------
+
+WIDS_SCRIPT = r"""
+import hashlib, io, json, os, sys
+import numpy as np
+import wids
+from PIL import Image
+
+def summary(ext, data):
+    if ext in ("jpg", "png", "webp", "seg.png"):
+        img = Image.open(io.BytesIO(data))
+        return [img.width, img.height, img.mode, hashlib.sha256(np.asarray(img).tobytes()).hexdigest()]
+    return json.loads(data) if ext == "json" else data.decode()
+
+out = {}
+for name, folder in json.loads(sys.argv[1]).items():
+    out[name] = {}
+    for split in ("train", "val", "test"):
+        path = os.path.join(folder, split + ".index.json")
+        if not os.path.exists(path):
+            continue
+        # The default local names (WIDS_CACHE): `cache_dir=` would name cached shards by their
+        # basename, and every product has a train-000000.tar.
+        ds = wids.ShardListDataset(path, transformations=[])
+        rows = {}
+        for i in range(len(ds)):  # by index: what a sampler asks for
+            sample = ds[i]
+            # wids names members by their extension with its dot (".json")
+            members = {k.removeprefix("."): v for k, v in sample.items() if not k.startswith("__")}
+            rows[sample["__key__"]] = {k: summary(k, v.read()) for k, v in members.items()}
+        out[name][split] = {"len": len(ds), "rows": rows}
+print(json.dumps(out))
+"""
+
+
+def test_wids_gives_every_sample_by_index_and_member_names_fit_the_ustar_field(corpus, truth, tmp_path):
+    paths = {p: str(product_dir(corpus, p)) for p in PRODUCTS}
+    got = run_python(WIDS_SCRIPT, tmp_path, {"WIDS_CACHE": str(tmp_path / "wids-cache")}, json.dumps(paths))
+    longest = 0
+    for product in PRODUCTS:
+        folder = product_dir(corpus, product)
+        planned = json.loads((folder / "product.json").read_text())["splits"]
+        present = [s for s in SPLITS if truth[product][s]]
+        assert sorted(got[product]) == sorted(present), product
+        for split in SPLITS:
+            # An empty split has no index (wids refuses one with no shards), and says so.
+            has_index = (folder / f"{split}.index.json").exists()
+            assert has_index == bool(planned[split]["samples"]), (product, split)
+        for split in present:
+            assert got[product][split]["len"] == len(truth[product][split])
+            assert got[product][split]["rows"] == truth[product][split], (product, split)
+        for shard in folder.glob("*.tar"):
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    # wids reads only the ustar name field: no name may need a pax header.
+                    assert not member.pax_headers and len(member.name.encode()) <= 100, (shard, member.name)
+                    longest = max(longest, len(member.name.encode()))
+    # The corpus has ids long enough to be shortened (coast-seg's), so the rule was exercised.
+    manifest = pq.read_table(
+        product_dir(corpus, "coast-seg") / "manifest.parquet", columns=["key", "sample_id"]
+    )
+    shortened = [(k, s) for k, s in zip(*manifest.to_pydict().values()) if k != s]
+    assert shortened and all(k[:40] == s[:40] and len(k) <= 84 for k, s in shortened)
+    assert longest > 90
 
 
 # --- Hugging Face datasets ------------------------------------------------------------------------
@@ -266,9 +335,61 @@ def test_hugging_face_loads_every_product_through_the_card_configs(corpus, truth
                     assert row[ext] is None, (product, key, ext)  # an optional member it lacks
 
 
+HF_DIRECT_SCRIPT = r"""
+import glob, hashlib, json, os, sys
+import numpy as np
+import yaml
+from datasets import Features, load_dataset
+
+def summary(value):
+    if hasattr(value, "mode"):
+        digest = hashlib.sha256(np.asarray(value).tobytes()).hexdigest()
+        return [value.width, value.height, value.mode, digest]
+    return value
+
+out = {}
+for name, folder in json.loads(sys.argv[1]).items():
+    files = {s: sorted(glob.glob(os.path.join(folder, s + "-*.tar"))) for s in ("train", "val", "test")}
+    # The card's typed features, as its `datasets_files` snippet passes them.
+    header = open(os.path.join(folder, "README.md"), encoding="utf-8").read().split("---")[1]
+    features = Features._from_yaml_list(yaml.safe_load(header)["dataset_info"]["features"])
+    ds = load_dataset("webdataset", data_files={s: f for s, f in files.items() if f}, features=features)
+    out[name] = {
+        split: {row["__key__"]: {k: summary(v) for k, v in row.items() if not k.startswith("__")}
+                for row in ds[split]}
+        for split in ds
+    }
+print(json.dumps(out))
+"""
+
+
+def test_hugging_face_webdataset_builder_loads_the_shards_with_the_cards_features(corpus, truth, tmp_path):
+    # load_dataset("webdataset", data_files=...) alone infers features from the first 5 samples,
+    # which cannot see an optional member (reef-images' seg.png), a field null in those five, or
+    # maps keyed by ids: the card publishes the features, and its snippet passes them.
+    paths = {p: str(product_dir(corpus, p)) for p in PRODUCTS}
+    env = {**HF_ENV, "HF_HOME": str(tmp_path / "hf")}
+    got = run_python(HF_DIRECT_SCRIPT, tmp_path, env, json.dumps(paths))
+    for product in PRODUCTS:
+        expected = truth[product]
+        assert sorted(got[product]) == sorted(s for s in SPLITS if expected[s]), product
+        for split, rows in got[product].items():
+            assert sorted(rows) == sorted(expected[split]), (product, split)
+            for key, members in expected[split].items():
+                for ext, value in members.items():
+                    if ext == "json":
+                        assert same(prune(rows[key]["json"]), prune(value)), (product, key)
+                    elif ext == "cls":
+                        assert int(rows[key]["cls"]) == int(value)
+                    else:
+                        assert rows[key][ext] == value, (product, key, ext)
+                for ext in set(rows[key]) - set(members):
+                    assert rows[key][ext] is None, (product, key, ext)
+
+
 # --- the cards' snippets, as written ----------------------------------------------------------------
 
-SNIPPET_ORDER = ("webdataset", "datasets", "mlcroissant")
+SNIPPET_ORDER = ("webdataset", "datasets", "datasets_files", "mlcroissant")
 
 
 def card_snippets(folder: Path) -> dict[str, str]:

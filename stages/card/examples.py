@@ -73,8 +73,8 @@ def fit(size: tuple[int, int], side: int) -> tuple[int, int]:
 
 def picture(info: ReleaseInfo, out_dir: Path, ref: SampleRef, side: int) -> Image.Image:
     """The sample's image scaled so its longer side is `side` (RGB)."""
-    ext = info.image_ext
-    if ext is None or ext not in ref.members:
+    ext = next((e for e in info.image_exts if e in ref.members), None)
+    if ext is None:
         raise UpstreamFormatError(out_dir / ref.shard, f"sample {ref.key} has no image member")
     img = decode(ref.read(out_dir, ext), f"{out_dir / ref.shard}: {ref.key}.{ext}", "RGB")
     return img.resize(fit(img.size, side), RESAMPLE)

@@ -117,10 +117,15 @@ class ReleaseInfo:
         return [s for s, v in self.split_counts().items() if v["shards"]]
 
     @property
+    def image_exts(self) -> list[str]:
+        """The members that can hold the picture (jpg, png or webp; never the mask). reef-points'
+        `images` layout lists both jpg and png: each sample carries the one upstream gave."""
+        return [m for m in self.members if m.rsplit(".", 1)[-1] in ("jpg", "png", "webp") and m != "seg.png"]
+
+    @property
     def image_ext(self) -> str | None:
-        """The member holding the picture (jpg, png or webp; never the mask)."""
-        return next((m for m in self.members if m.rsplit(".", 1)[-1] in ("jpg", "png", "webp") and
-                     m != "seg.png"), None)  # fmt: skip
+        """The first picture member of the plan."""
+        return next(iter(self.image_exts), None)
 
     @property
     def digest(self) -> str:

@@ -11,6 +11,7 @@ from stages.card.features import json_fields, member_features
 from stages.card.info import SPLITS, ReleaseInfo
 from stages.card.licences import bibtex, header_licence, headline, product_bibtex, source_terms
 from stages.card.plots import class_distribution
+from stages.card.readers import REEF_PATCHES
 from stages.card.text import KEEP_POLICIES, KIND_LIMITATIONS, KINDS, size_category
 
 VIEWER = "viewer/index.html"
@@ -188,6 +189,18 @@ def snippets(info: ReleaseInfo) -> dict[str, str]:
                 f"    mask = {get_mask}",
             ]
         )
+    elif (info.product.get("encoding") or {}).get("layout") == "images":  # reef-points: cut by the reader
+        out["webdataset"] = "\n".join(
+            [
+                "import json",
+                REEF_PATCHES.rstrip("\n"),
+                "",
+                "",
+                *_urls_lines(info, split),
+                "for patch, point, meta in reef_patches(urls):",
+                '    label = point["class"]  # patch: uint8 array (patch_size, patch_size, 3)',
+            ]
+        )
     else:
         out["webdataset"] = "\n".join(
             [
@@ -215,6 +228,20 @@ def snippets(info: ReleaseInfo) -> dict[str, str]:
             'mask = np.asarray(sample["seg.png"]) if sample["seg.png"] is not None else None  # class ids'
         )
     out["datasets"] = "\n".join(hf)
+    out["datasets_files"] = "\n".join(
+        [
+            "import glob",
+            "",
+            "import yaml",
+            "from datasets import Features, load_dataset",
+            "",
+            f'release = "data/release/{info.name}"',
+            'header = open(f"{release}/README.md", encoding="utf-8").read().split("---")[1]',
+            'features = Features._from_yaml_list(yaml.safe_load(header)["dataset_info"]["features"])',
+            f'files = {{"{split}": sorted(glob.glob(f"{{release}}/{split}-*.tar"))}}',
+            'ds = load_dataset("webdataset", data_files=files, features=features)',
+        ]
+    )
     rs = "member-seg-png" if has_mask else f"member-{image.replace('.', '-')}"
     mlc = [
         "import mlcroissant as mlc",
@@ -350,6 +377,9 @@ def dataset_card(info: ReleaseInfo, has_grid: bool) -> str:
     out += ["", "With `webdataset`:", "", "```python", snip["webdataset"], "```"]
     out += ["", "With Hugging Face `datasets` (reads this card's `configs` and `dataset_info.features`):",
             "", "```python", snip["datasets"], "```"]  # fmt: skip
+    out += ["", "The shards alone through `datasets`' webdataset builder: it infers types from the first "
+            "five samples, which cannot see optional members, fields null in those five or maps keyed by "
+            "ids, so pass this card's features:", "", "```python", snip["datasets_files"], "```"]  # fmt: skip
     out += ["", "With `mlcroissant` (record sets `splits`, `samples`, and one per member, "
             + ", ".join(f"`member-{m.replace('.', '-')}`" for m in info.members) + "):",
             "", "```python", snip["mlcroissant"], "```"]  # fmt: skip

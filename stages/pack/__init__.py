@@ -335,26 +335,24 @@ def _membership(ctx: PackContext) -> tuple[pd.DataFrame, dict[str, int]]:
 
 
 def _members(ctx: PackContext, light: pd.DataFrame, clusters: pd.DataFrame) -> list[str]:
-    """The sample ids in the product: stages.products.product_samples' rules (sources, usable, keep
-    policy) over the light columns, sorted by sample id."""
-    product = ctx.product
-    mine = light[light["source"].isin(product.sources).to_numpy() & light["usable"].to_numpy(dtype=bool)]
-    if not len(clusters) or product.keep == "all":
-        return sorted(mine["sample_id"].astype(str))
-    cluster_of = dict(zip(clusters["sample_id"].astype(str), clusters["cluster_id"].astype(str)))
-    rank_of = dict(zip(clusters["sample_id"].astype(str), clusters["rank"].astype(int)))
-    ids = mine["sample_id"].astype(str)
-    cluster_ids = [cluster_of.get(sid) for sid in ids]
-    in_cluster = np.array([c is not None for c in cluster_ids], dtype=bool)
-    ranked = mine[in_cluster].assign(
-        cluster_id=[c for c in cluster_ids if c is not None], _rank=[rank_of[s] for s in ids[in_cluster]]
+    """The sample ids in the product, sorted: stages.products.select_samples (the rule the split
+    stage counts with: sources, usable, keep policy) over the light columns."""
+    ids = light["sample_id"].astype(str).to_numpy(dtype=object)
+    sources = sorted({str(s) for s in light["source"].tolist()})
+    code = {s: k for k, s in enumerate(sources)}
+    has = light["phash"].notna().to_numpy() if "phash" in light else np.zeros(len(light), dtype=bool)
+    phash = np.zeros(len(light), dtype=np.uint64)
+    if has.any():
+        phash[has] = light["phash"][has].to_numpy(dtype=np.uint64)
+    facts = prod.SampleFacts(
+        sources,
+        np.array([code[str(s)] for s in light["source"].tolist()], dtype=np.int32),
+        light["usable"].to_numpy(dtype=bool),
+        phash,
+        has,
     )
-    ranked = ranked.sort_values(["cluster_id", "_rank"], kind="stable")
-    if product.keep == "one":
-        keep = set(ranked.drop_duplicates("cluster_id")["sample_id"].astype(str))
-    else:  # cover
-        keep = prod._cover(ranked, product.radius)
-    return sorted([*ids[~in_cluster], *(s for s in ids[in_cluster] if s in keep)])
+    members = prod.ClusterMembers.from_frame(clusters, pd.Index(ids))
+    return sorted(ids[prod.select_samples(ctx.product, facts, members)].tolist())
 
 
 def select_samples(
@@ -409,6 +407,19 @@ def num(value: Any) -> float | int | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return value
+
+
+def manifest_facts(row: dict[str, Any], site: str | None = None) -> dict[str, Any]:
+    """The manifest's typed columns every product takes from its sample-table row."""
+    return {
+        "attribution": row.get("attribution"),
+        "width": int(row["width"]) if num(row.get("width")) is not None else None,
+        "height": int(row["height"]) if num(row.get("height")) is not None else None,
+        "lat": num(row.get("lat")),
+        "lon": num(row.get("lon")),
+        "captured_at": row.get("captured_at"),
+        "site": site if site is not None else row.get("site"),
+    }
 
 
 # --- samples ----------------------------------------------------------------------------------
@@ -579,7 +590,10 @@ def pack_product(
             plan, order, out_dir, settings.shard, executor, f"pack {name}", cache=units, store=store
         )
     for split in SPLITS:
-        idx.write_index(out_dir, name, split, written.shards[split])
+        # An empty split gets no index: wids refuses an index with no shards ("No shards found"),
+        # and a missing file says "no such split" to every reader alike.
+        if written.shards[split]:
+            idx.write_index(out_dir, name, split, written.shards[split])
     idx.write_classes(out_dir, _with_counts(plan.classes, written.counts))
     terms = licence_terms(ctx)
     redistributable = all(t["redistributable"] for t in terms.values())
@@ -589,7 +603,7 @@ def pack_product(
             "units": written.units[split],
             "shards": len(written.shards[split]),
             "bytes": sum(s.filesize for s in written.shards[split]),
-            "index": idx.index_name(split),
+            "index": idx.index_name(split) if written.shards[split] else None,
         }
         for split in SPLITS
     }
@@ -625,14 +639,16 @@ def pack_product(
             "max_bytes": settings.shard.max_bytes,
             "ledger": settings.ledger,
         },
-        "format": "WebDataset: POSIX ustar (pax header for names over 100 bytes), members sorted per sample, "
+        "format": "WebDataset: POSIX ustar (member names within the 100-byte name field: keys over 84 bytes "
+        "shortened with a digest), members sorted per sample, "
         "mtime 0, uid/gid 0, mode 0644",
         "manifest": idx.MANIFEST,
         "class_map": idx.CLASSES,
     }
     idx.write_product(out_dir, card)
     keep = {s.name for shards in written.shards.values() for s in shards}
-    keep |= {idx.index_name(s) for s in SPLITS} | {idx.MANIFEST, idx.CLASSES, idx.PRODUCT}
+    keep |= {idx.index_name(s) for s in SPLITS if written.shards[s]}
+    keep |= {idx.MANIFEST, idx.CLASSES, idx.PRODUCT}
     removed = _remove_stale(out_dir, keep)
     if removed:
         log.info("%s: removed %d files of an earlier build", out_dir, len(removed))

@@ -36,6 +36,7 @@ from stages.pack import (
     fit_max_side,
     guarded,
     load_mask,
+    manifest_facts,
     num,
     parse_json,
     resize_mask,
@@ -59,6 +60,7 @@ COLUMNS = [
     "captured_at",
     "spatial_block",
     "session",
+    "site",
 ]
 
 
@@ -123,6 +125,7 @@ def plan(ctx: PackContext) -> ProductPlan:
             "upstream_id": row["upstream_id"],
             "license": row["license"],
             "labels": row["labels"],
+            **manifest_facts(row),
         }
         doc_bytes = sample_json(doc)
         mask_path = ctx.path(row["mask_path"])

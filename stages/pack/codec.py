@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, features
 
 from stages.errors import UpstreamFormatError
-from stages.imaging import ImageProblem, open_bounded
+from stages.imaging import ImageProblem, open_bounded, to_rgb8
 
 IMAGE_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
 LOSSLESS_FORMATS = ("png", "webp")
@@ -136,17 +136,23 @@ def decode_for_size(
         img.draft(img.mode, request)  # scale only; the mode stays what convert("RGB") expects
     img = _load(img, path)
     if img.mode != "RGB":
-        img = img.convert("RGB")
+        img = Image.fromarray(rgb_array(img, path), "RGB")
     if img.size != tuple(out_size):
         # Resized as a PIL image: the same pixels as resize_rgb(rgb_array(img)), two copies fewer.
         img = img.resize(out_size, RESAMPLE, reducing_gap=REDUCING_GAP)
     return np.asarray(img)
 
 
-def rgb_array(img: Image.Image) -> np.ndarray:
-    """HxWx3 uint8, as pyspacer gets it: `convert("RGB")` (palette expanded, alpha dropped, L
-    replicated). No EXIF orientation is applied: points are given in stored-raster coordinates."""
-    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+def rgb_array(img: Image.Image, path: Path | str = "<image>") -> np.ndarray:
+    """HxWx3 uint8 by imaging.to_rgb8, the rule ingest hashed the pixels with: `convert("RGB")`
+    as pyspacer does for 8-bit modes (palette expanded, alpha dropped, L replicated), the high
+    byte for 16-bit grey, where `convert` would clip to white. No EXIF orientation is applied:
+    points are given in stored-raster coordinates."""
+    try:
+        return to_rgb8(img)
+    except ImageProblem as exc:
+        # Ingest quarantines these; meeting one here means the file changed since.
+        raise UpstreamFormatError(path, f"{exc.reason}: {exc.detail}") from exc
 
 
 def check_size(rgb: np.ndarray, expected: tuple[int, int], path: Path | str) -> None:

@@ -2,16 +2,19 @@
 
 Members: `jpg` (the upstream file's bytes, verified against the sha256 ingest recorded; with
 `resize: N` an image whose longer side exceeds N is decoded, shrunk and re-encoded with the
-product's JPEG settings, the others keep their bytes), `cls` (the iNat 2017 category id, which is
-the `class_index` of the ingest labels: stable under growth, see docs/ingest.md), `json`.
+product's JPEG settings, and a file whose bytes are PNG (ingest's `image_format`) is re-encoded
+as JPEG: a `jpg` member always holds a JPEG; the others keep their bytes), `cls` (the iNat 2017
+category id, which is the `class_index` of the ingest labels: stable under growth, see
+docs/ingest.md), `json`.
 
 `json`: sample_id, image_id, source, split, official_split, category_id, category,
 supercategory, class_index, bboxes (`[x, y, w, h]` in the pixels of the stored `jpg`: scaled when
 the image was resized), location (upstream record), lat, lon, captured_at, observer, file_name,
 rights_holder, image_license, license, attribution, image {width, height, original_width,
-original_height, resized}, labels and native_labels (the ingest JSON, verbatim).
+original_height, resized, reencoded, upstream_format}, labels and native_labels (the ingest JSON,
+verbatim).
 
-No image is decoded unless it is resized: the bytes go through as they are.
+No JPEG is decoded unless it is resized: the bytes go through as they are.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from stages.pack import (
     encode_rgb,
     fit_max_side,
     guarded,
+    manifest_facts,
     num,
     parse_json,
     sample_json,
@@ -57,6 +61,8 @@ COLUMNS = [
     "lat",
     "lon",
     "captured_at",
+    "image_format",
+    "site",
 ]
 
 
@@ -99,6 +105,9 @@ def plan(ctx: PackContext) -> ProductPlan:
         width, height = int(row["width"]), int(row["height"])
         out_w, out_h = fit_max_side(width, height, max_side)
         resized = (out_w, out_h) != (width, height)
+        # iNat's folder holds some PNG files under .jpg names (ingest reads formats from the bytes);
+        # the `jpg` member must be JPEG, so those are decoded and encoded with the product's settings.
+        reencoded = resized or str(row["image_format"]) != "jpeg"
         boxes = native.get("bboxes") or []
         if resized:
             boxes = _scaled_boxes(boxes, out_w / width, out_h / height)
@@ -130,6 +139,8 @@ def plan(ctx: PackContext) -> ProductPlan:
                 "original_width": width,
                 "original_height": height,
                 "resized": resized,
+                "reencoded": reencoded,
+                "upstream_format": row["image_format"],
             },
             "labels": labels,
             "native_labels": native,
@@ -142,12 +153,13 @@ def plan(ctx: PackContext) -> ProductPlan:
             "cls": cls,
             "label": labels.get("category"),
             "labels": row["labels"],
+            **manifest_facts(row),
         }
         doc_bytes = sample_json(doc)
         payload = (
             str(ctx.path(row["image_path"])),
             row["file_sha256"],
-            ((width, height), (out_w, out_h)) if resized else None,
+            ((width, height), (out_w, out_h)) if reencoded else None,
             ctx.settings.image,
             doc_bytes,
             cls,
@@ -174,7 +186,8 @@ def plan(ctx: PackContext) -> ProductPlan:
             ],
         },
         fields={
-            "jpg": "the upstream JPEG bytes (re-encoded only when `resize` shrinks the image)",
+            "jpg": "the upstream JPEG bytes (re-encoded when `resize` shrinks the image or the upstream "
+            "file is not a JPEG)",
             "cls": "iNat 2017 category id (classes.json)",
             "json": "category, supercategory, bboxes, location, licence and attribution, ingest labels",
         },

@@ -34,7 +34,9 @@ MANIFEST_ROW_GROUP = 64 * 1024
 
 MANIFEST_SCHEMA = pa.schema(
     [
-        ("key", pa.string()),  # the WebDataset __key__ (a point id for reef-points, else the sample id)
+        # The WebDataset __key__: the point id for reef-points patches, else the sample id;
+        # ids over 84 bytes shortened by tarwriter.tar_key (sample_id / point_id hold them in full).
+        ("key", pa.string()),
         ("sample_id", pa.string()),  # the image's sample id (sample table, split assignments)
         ("point_id", pa.string()),  # reef-points only
         ("split", pa.string()),
@@ -50,6 +52,19 @@ MANIFEST_SCHEMA = pa.schema(
         ("row", pa.int32()),  # reef-points: the point, pixels from the top
         ("col", pa.int32()),  # reef-points: pixels from the left
         ("labels", pa.string()),  # JSON: the labels the sample carries (see docs/pack.md)
+        # Typed, so a query needs no JSON parsing:
+        ("classes", pa.list_(pa.string())),  # names of the product classes the sample carries, sorted
+        ("benthic_attribute", pa.string()),  # reef-points patches: the point's MERMAID attribute
+        ("growth_form", pa.string()),  # reef-points patches: its growth form, where given
+        ("top_level_category", pa.string()),  # reef-points patches
+        ("source_label", pa.string()),  # reef-points patches: the label as the source wrote it
+        ("attribution", pa.string()),
+        ("width", pa.int32()),  # the upstream image, pixels (before any resize)
+        ("height", pa.int32()),
+        ("lat", pa.float64()),  # WGS84 degrees, where the source gives a position
+        ("lon", pa.float64()),
+        ("captured_at", pa.string()),  # ISO 8601 as the source gives it (date or date and time)
+        ("site", pa.string()),  # the source's site / survey / session, what splits group by
     ]
 )
 

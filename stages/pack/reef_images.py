@@ -50,6 +50,7 @@ from stages.pack import (
     fit_max_side,
     guarded,
     load_mask,
+    manifest_facts,
     num,
     parse_json,
     resize_mask,
@@ -74,6 +75,7 @@ COLUMNS = [
     "lat",
     "lon",
     "captured_at",
+    "site",
 ]
 
 
@@ -205,6 +207,7 @@ def plan(ctx: PackContext) -> ProductPlan:
             "upstream_id": row["upstream_id"],
             "license": row["license"],
             "labels": row["labels"],
+            **manifest_facts(row),
         }
         mask = str(ctx.path(row["mask_path"])) if row["mask_path"] is not None else None
         doc_bytes = sample_json(doc)

@@ -55,6 +55,7 @@ from stages.pack import (
     digest,
     encode_rgb,
     guarded,
+    manifest_facts,
     num,
     open_image,
     read_arrow,
@@ -80,6 +81,7 @@ COLUMNS = [
     "lat",
     "lon",
     "captured_at",
+    "site",
 ]
 POINT_COLUMNS = [
     "point_id",
@@ -348,6 +350,7 @@ def plan(ctx: PackContext) -> ProductPlan:
         base = common(img, key, split)
         width, height = int(img["width"]), int(img["height"])
         samples, sample_rows = [], []
+        facts = manifest_facts(img)
         for p in point_records(key):
             point_id, row, col, cls = p["point_id"], p["row"], p["col"], p["cls"]
             top_pad, left_pad = window(row, col, size)
@@ -372,6 +375,11 @@ def plan(ctx: PackContext) -> ProductPlan:
                 "row": row,
                 "col": col,
                 "labels": sample_json(p["labels"]).decode(),
+                "benthic_attribute": p["labels"]["benthic_attribute_name"],
+                "growth_form": p["labels"]["growth_form_name"],
+                "top_level_category": p["labels"]["top_level_category"],
+                "source_label": p["labels"]["source_label"],
+                **facts,
             }
             samples.append((point_id, row, col, sample_json(doc), cls))
             sample_rows.append(SampleRow(point_id, meta, (cls,)))
@@ -411,6 +419,7 @@ def plan(ctx: PackContext) -> ProductPlan:
             "upstream_id": img["upstream_id"],
             "license": img["license"],
             "labels": img.get("labels"),
+            **manifest_facts(img),
         }
         doc_bytes = sample_json(doc)
         payload = (str(ctx.path(img["image_path"])), img["file_sha256"], width, height, settings, doc_bytes)
@@ -456,7 +465,7 @@ def plan(ctx: PackContext) -> ProductPlan:
 def _encode_patches(unit: Unit) -> UnitOut:
     path_str, width, height, size, ext, settings, samples = unit.payload
     path = Path(path_str)
-    rgb = rgb_array(open_image(path, settings.max_pixels))
+    rgb = rgb_array(open_image(path, settings.max_pixels), path)
     check_size(rgb, (width, height), path)
     out = []
     for key, row, col, doc, cls in samples:
@@ -491,7 +500,7 @@ def _encode_images(unit: Unit) -> UnitOut:
     ext = UPSTREAM_EXT.get(str(header.format))
     if ext is None:
         # Not a JPEG or PNG: keep it lossless in the product's lossless codec (PNG unless WebP).
-        rgb = rgb_array(open_image(path, settings.max_pixels))
+        rgb = rgb_array(open_image(path, settings.max_pixels), path)
         lossless = (
             settings
             if settings.lossless

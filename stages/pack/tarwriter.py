@@ -6,9 +6,10 @@ pins every byte, so two builds of the same samples give the same shard and the s
 dvc.lock. The layout is plain POSIX ustar:
 
 - every member: mode 0644, uid/gid 0, empty user and group names, mtime 0, type `0` (file);
-- a name longer than the 100-byte ustar field gets a POSIX.1-2001 `x` (pax) header carrying
-  `path=<name>` before it (what `tarfile` and GNU tar read; WebDataset reads through `tarfile`),
-  with the same fixed fields; the ustar field then holds the first 100 bytes of the name;
+- sample keys are shortened (`tar_key`) so every member name fits the 100-byte ustar field:
+  wids reads only that field. A longer name, should a caller write one, gets a POSIX.1-2001 `x`
+  (pax) header carrying `path=<name>` before it (what `tarfile` and GNU tar read), with the same
+  fixed fields; the ustar field then holds the first 100 bytes of the name;
 - data padded with NULs to 512-byte blocks; the archive ends with two zero blocks and is padded
   to a 10240-byte record, as POSIX asks and as GNU tar and `tarfile` write.
 
@@ -25,6 +26,9 @@ from typing import BinaryIO
 BLOCK = 512
 RECORD = 20 * BLOCK
 NAME_FIELD = 100
+MAX_EXT_BYTES = 15  # the longest member extension a product may write ("seg.png" today)
+KEY_BYTES = NAME_FIELD - 1 - MAX_EXT_BYTES  # a key this long still fits `<key>.<ext>` in the field
+KEY_DIGEST = 20  # hex digits of sha256(key) in a shortened key: 80 bits, no collision in practice
 MODE = 0o644
 # 11 octal digits: the largest size a ustar header holds without a pax `size` record.
 MAX_MEMBER_BYTES = 8**11 - 1
@@ -86,15 +90,34 @@ def member_bytes(name: str, data: bytes) -> bytes:
     return b"".join(parts)
 
 
+def tar_key(key: str) -> str:
+    """The sample's name in the shard: `key` itself when `<key>.<ext>` fits the 100-byte ustar
+    name field for every extension a product may write, else its first bytes and a digest of the
+    whole key.
+
+    Readers that ignore pax headers (wids does: "Filename must have an extension") would see
+    the truncated ustar field of a longer name, so no member needs one. The digest keeps keys
+    distinct; the full id stays in the sample's json and in the manifest's sample_id / point_id.
+    """
+    if len(key.encode("ascii", "replace")) <= KEY_BYTES:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:KEY_DIGEST]
+    return f"{key[: KEY_BYTES - KEY_DIGEST - 1]}-{digest}"
+
+
 def sample_bytes(key: str, members: Mapping[str, bytes]) -> bytes:
-    """All members of one sample, `<key>.<ext>`, contiguous and sorted by name.
+    """All members of one sample, `<tar_key(key)>.<ext>`, contiguous and sorted by name.
 
     WebDataset groups consecutive members by the part of the name before the first dot, so the
     key must hold no dot and the members must be adjacent; sorting fixes their order.
     """
     if not key or "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must be non-empty, without dots or slashes")
-    return b"".join(member_bytes(f"{key}.{ext}", members[ext]) for ext in sorted(members))
+    for ext in members:
+        if len(ext.encode("ascii", "replace")) > MAX_EXT_BYTES:
+            raise ValueError(f"member extension {ext!r} is longer than {MAX_EXT_BYTES} bytes")
+    name = tar_key(key)
+    return b"".join(member_bytes(f"{name}.{ext}", members[ext]) for ext in sorted(members))
 
 
 def end_of_archive(size_so_far: int) -> bytes:

@@ -30,7 +30,7 @@ from stages.fsutil import atomic_path
 from stages.pack import index as idx
 from stages.pack.reuse import Ref, ShardStore, UnitCache, tiles_whole_shard
 from stages.pack.sharding import Cutter, ShardSizes, key_hashes
-from stages.pack.tarwriter import TarWriter
+from stages.pack.tarwriter import TarWriter, tar_key
 from stages.pack.units import ProductPlan, Unit, UnitOut, run_unit
 from stages.progress import bar
 
@@ -213,6 +213,7 @@ def write_shards(
         {s: [] for s in SPLITS}, Counter(), Counter(), 0, 0, 0, ClassCounts(plan.num_classes)
     )
     manifest = idx.ManifestWriter(out_dir / idx.MANIFEST)
+    class_names = {int(c["index"]): str(c["name"]) for c in plan.classes.get("classes") or []}
     stream = _Peekable(Resolver(plan, order, cache)(executor))
     shard: _Shard | None = None
     split: str | None = None
@@ -240,7 +241,8 @@ def write_shards(
             manifest.add(
                 {
                     **row.row,
-                    "key": row.key,
+                    "key": tar_key(row.key),  # what readers see as __key__
+                    "classes": sorted({class_names.get(int(c), str(c)) for c in row.counts}),
                     "split": split,
                     "shard": shard_name,
                     "position": position,
