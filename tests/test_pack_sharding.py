@@ -9,6 +9,7 @@ import io
 import math
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -258,3 +259,30 @@ def test_long_keys_are_shortened_deterministically_and_stay_distinct():
     assert len(member_bytes(f"{tar_key(a)}.{'e' * 15}", b"x")) == 2 * BLOCK  # no pax header
     with pytest.raises(ValueError, match="extension"):
         sample_bytes("k", {"e" * 16: b"x"})
+
+
+RESOLVER_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import _pack_units
+from stages.executor import Executor
+from stages.pack.units import ProductPlan, SampleRow, Unit
+from stages.pack.writer import MAX_AHEAD, Resolver
+
+keys = [f"u{i:04d}" for i in range(4 * MAX_AHEAD)]
+plan = ProductPlan(keys={"train": keys}, make_unit=lambda k, s: Unit(k, s, k, (SampleRow(k, {}),)),
+                   encode=_pack_units.echo, classes={}, fields={}, chunksize=16)
+with Executor(2) as executor:
+    got = [item.out.key for item in Resolver(plan, {"train": keys}, None)(executor)]
+print(got == keys, len(got))
+"""
+
+
+def test_the_writer_drains_units_when_the_executors_window_is_wider_than_its_look_ahead(tmp_path: Path):
+    # 2 workers x 3 chunks x 16 units = 96 units in flight, more than MAX_AHEAD (64): the feeder's
+    # no-ops must not count as waiting units, or it sends them forever (pack@inat2017 hung so).
+    tests = str(Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", RESOLVER_SCRIPT, tests], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1], check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "256"]

@@ -100,7 +100,11 @@ class Resolver:
     fed to the executor while hits are passed straight through. `Executor.map` pulls its input
     only while it fills its in-flight window, so to keep the hits queued ahead of the writer
     bounded, the feeder sends a no-op item whenever MAX_AHEAD units are waiting: that lets a
-    result come back, and the writer drain the queue, without stalling the workers.
+    result come back, and the writer drain the queue, without stalling the workers. The no-ops
+    themselves are not counted as waiting: the executor reads up to its whole in-flight window
+    (jobs x 3 chunks) before it returns a result, and a window wider than MAX_AHEAD filled with
+    no-ops that counted would keep the feeder sending no-ops forever (seen: inat2017's 16-unit
+    chunks, 96 ahead).
     """
 
     def __init__(self, plan: ProductPlan, order: dict[str, list[str]], cache: UnitCache | None) -> None:
@@ -108,12 +112,14 @@ class Resolver:
         self.order = order
         self.cache = cache
         self.pending: deque[Any] = deque()
+        self.noops = 0  # _NOOP entries in `pending`
 
     def _feed(self) -> Iterator[Any]:
         for split in SPLITS:
             for key in self.order.get(split, []):
-                while len(self.pending) >= MAX_AHEAD:
+                while len(self.pending) - self.noops >= MAX_AHEAD:
                     self.pending.append(_NOOP)
+                    self.noops += 1
                     yield None
                 unit = self.plan.make_unit(key, split)
                 wkey = None
@@ -143,6 +149,7 @@ class Resolver:
                 continue
             out = computed.popleft() if computed else next(results)
             if item is _NOOP:
+                self.noops -= 1
                 continue
             item.out = out
             yield item
