@@ -33,7 +33,8 @@ Input records, and where each one ends (per record kind, inputs = kept + quarant
 
 A sample is one image with its CSV row. sample_id = `seatizen-<stem>_<ext>` for a plain name
 (stem of [A-Za-z0-9_-], alphanumeric extension), else `make_sample_id` of the name (slug plus 8
-hex of its sha256). `session`, `site` (`<CCC>[-<Place>]`) and `captured_at` come from the name
+hex of its sha256; a plain name without an extension takes the 8 hex too, so `a_b_jpg` and
+`a_b.jpg` stay apart). `session`, `site` (`<CCC>[-<Place>]`) and `captured_at` come from the name
 (stages/ingest/seatizen_names.py: every name parses; odd ones get a coarser session).
 `official_split` is the CSV's when its file name has a `train`/`val`/`test` token.
 
@@ -70,6 +71,7 @@ category names, by class name. `mask_classes.json` beside the tables lists them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -161,6 +163,10 @@ def sample_id_for(file_name: str) -> str:
     stem, _, ext = file_name.rpartition(".")
     if stem and re.fullmatch(r"[A-Za-z0-9_-]+", stem) and re.fullmatch(r"[A-Za-z0-9]+", ext):
         return f"{SOURCE}-{stem}_{ext}"
+    if not stem and re.fullmatch(r"[A-Za-z0-9_-]+", file_name):
+        # A plain name without an extension would equal another's `<stem>_<ext>` form (`a_b_jpg`,
+        # `a_b.jpg`): it takes the digest suffix make_sample_id gives changed names.
+        return f"{SOURCE}-{file_name}-{hashlib.sha256(file_name.encode('utf-8')).hexdigest()[:8]}"
     return make_sample_id(SOURCE, file_name)
 
 
