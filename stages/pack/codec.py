@@ -19,6 +19,7 @@ re-encodes what it touches, an edit to the shard writer does not.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -92,6 +93,15 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise UpstreamFormatError(path, f"cannot read image: {exc}") from exc
+
+
+def read_verified(path: Path, sha256: str | None) -> bytes:
+    """The file's bytes, refused when they are not the ones ingest recorded (`sha256`; None: not
+    recorded): shipping upstream bytes unchanged must ship the bytes the tables describe."""
+    data = _read(path)
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise UpstreamFormatError(path, "file changed since ingest (sha256 differs from the sample table)")
+    return data
 
 
 def _opened(data: bytes, path: Path | str, max_pixels: int) -> Image.Image:

@@ -19,7 +19,6 @@ No JPEG is decoded unless it is resized: the bytes go through as they are.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from stages.pack import (
     sample_json,
     select_samples,
 )
+from stages.pack.codec import read_verified
 from stages.pack.tarwriter import sample_bytes
 
 COLUMNS = [
@@ -200,12 +200,7 @@ def _encode(unit: Unit) -> UnitOut:
     path_str, sha256, size, settings, doc, cls = unit.payload
     settings: ImageSettings
     path = Path(path_str)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UpstreamFormatError(path, f"cannot read image: {exc}") from exc
-    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise UpstreamFormatError(path, "file changed since ingest (sha256 differs from the sample table)")
+    data = read_verified(path, sha256)
     decodes = 0
     if size is not None:
         original, out_size = size

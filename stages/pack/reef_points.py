@@ -30,7 +30,6 @@ captured_at. No `cls`. The reader in docs/pack.md cuts pyspacer's patches from i
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +63,7 @@ from stages.pack import (
     sample_json,
     select_samples,
 )
-from stages.pack.codec import window
+from stages.pack.codec import read_verified, window
 from stages.pack.tarwriter import sample_bytes
 from stages.taxonomy_index import TOP_LEVEL_CATEGORIES, Taxonomy
 
@@ -482,12 +481,7 @@ def _encode_images(unit: Unit) -> UnitOut:
     path_str, sha256, width, height, settings, doc = unit.payload
     settings: ImageSettings
     path = Path(path_str)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UpstreamFormatError(path, f"cannot read image: {exc}") from exc
-    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise UpstreamFormatError(path, "file changed since ingest (sha256 differs from the sample table)")
+    data = read_verified(path, sha256)
     try:
         header = open_bounded(data, settings.max_pixels)
     except ImageProblem as exc:
