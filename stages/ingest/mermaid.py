@@ -274,10 +274,14 @@ def records(ctx: IngestContext, report: Report) -> Iterator[Record]:
     for p in orphans:
         yield Quarantine("image", p.stem, ctx.rel(p), "no_annotation", "no parquet row references this image")
 
+    # One contiguous copy of the columns a point needs: `take` on a chunked table (a parquet read,
+    # one chunk per row group) concatenates every chunk on each call, which made this loop
+    # quadratic (52 ms per image at 5M points, against 17 us on one chunk).
+    selected = table.select(columns).combine_chunks()
     for sample_id, image_id in sorted((make_sample_id(SOURCE, i), i) for i in runs):
         start, end = runs[image_id]
         idx = pa.array(order[start:end])
-        rows = table.select(columns).take(idx).to_pylist()
+        rows = selected.take(idx).to_pylist()
         rr, cc = row_ix[order[start:end]], col_ix[order[start:end]]
         regions[_text(rows[0]["region_id"]) or "null"] += 1
         safe = bool(_SAFE_ID.match(image_id))
