@@ -229,20 +229,30 @@ class ClassTable:
         return out, names
 
 
-def facts_from_frame(samples: pd.DataFrame, levels: Iterable[str] = ()) -> SampleFacts:
-    """SampleFacts of a sample DataFrame (rows in its order)."""
+def facts_from_frame(
+    samples: pd.DataFrame, levels: Iterable[str] = (), usable: np.ndarray | None = None
+) -> SampleFacts:
+    """SampleFacts of a sample DataFrame (rows in its order).
+
+    `usable`: the per-sample flags where the caller has them already (pack reads the labels in
+    batches and keeps only the flag); then no label is parsed, so no class can be counted.
+    """
     sources = sorted({str(s) for s in samples["source"].tolist()})
     code = {s: k for k, s in enumerate(sources)}
     source = np.array([code[str(s)] for s in samples["source"].tolist()], dtype=np.int32)
-    masks = (
-        samples["mask_path"].notna().to_numpy() if "mask_path" in samples else np.zeros(len(samples), bool)
-    )
     table = ClassTable(levels)
-    ok = np.zeros(len(samples), dtype=bool)
-    for k, raw in enumerate(samples["labels"].tolist()):
-        labels = _labels(raw)
-        ok[k] = label_usable(labels, bool(masks[k]))
-        table.add(k, labels)
+    if usable is not None:
+        if table.levels:
+            raise ValueError("facts_from_frame: class levels need the labels, not precomputed usable flags")
+        ok = np.asarray(usable, dtype=bool)
+    else:
+        has_mask = "mask_path" in samples
+        masks = samples["mask_path"].notna().to_numpy() if has_mask else np.zeros(len(samples), bool)
+        ok = np.zeros(len(samples), dtype=bool)
+        for k, raw in enumerate(samples["labels"].tolist()):
+            labels = _labels(raw)
+            ok[k] = label_usable(labels, bool(masks[k]))
+            table.add(k, labels)
     phash = has = None
     if "phash" in samples:
         col = samples["phash"]

@@ -111,13 +111,19 @@ _SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 _PART_BAD = re.compile(r"[^A-Za-z0-9_]+")  # a part that is not the last may not hold `-` either
 
 
+def digest_suffixed(slug: str, text: str) -> str:
+    """`<slug>-<8 hex of sha256(text)>`: the form of an id whose text had to change (or could be
+    mistaken for another id's), so that two upstream texts never share an id."""
+    return f"{slug}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
+
+
 def _slug(text: str, bad: re.Pattern[str]) -> str:
     slug = bad.sub("_", text)
     if slug == text and text:
         return text
     # Slugging lost information (or the part is empty): a short hash of the exact text keeps two
     # upstream ids that slug alike (`pt.1`, `pt 1`, `pt/1`, `pt_1`) apart, and depends on nothing else.
-    return f"{slug}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
+    return digest_suffixed(slug, text)
 
 
 def make_sample_id(source: str, *parts: object) -> str:

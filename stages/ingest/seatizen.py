@@ -71,7 +71,6 @@ category names, by class name. `mask_classes.json` beside the tables lists them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -104,7 +103,7 @@ from stages.ingest.seatizen_masks import (
     read_segmentation,
 )
 from stages.ingest.seatizen_names import FORMS, FrameName, nfc, parse_name
-from stages.schema import make_sample_id
+from stages.schema import digest_suffixed, make_sample_id
 from stages.taxonomy_index import Taxonomy
 
 SOURCE = "seatizen"
@@ -166,7 +165,7 @@ def sample_id_for(file_name: str) -> str:
     if not stem and re.fullmatch(r"[A-Za-z0-9_-]+", file_name):
         # A plain name without an extension would equal another's `<stem>_<ext>` form (`a_b_jpg`,
         # `a_b.jpg`): it takes the digest suffix make_sample_id gives changed names.
-        return f"{SOURCE}-{file_name}-{hashlib.sha256(file_name.encode('utf-8')).hexdigest()[:8]}"
+        return f"{SOURCE}-{digest_suffixed(file_name, file_name)}"
     return make_sample_id(SOURCE, file_name)
 
 

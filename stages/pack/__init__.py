@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -338,19 +337,7 @@ def _members(ctx: PackContext, light: pd.DataFrame, clusters: pd.DataFrame) -> l
     """The sample ids in the product, sorted: stages.products.select_samples (the rule the split
     stage counts with: sources, usable, keep policy) over the light columns."""
     ids = light["sample_id"].astype(str).to_numpy(dtype=object)
-    sources = sorted({str(s) for s in light["source"].tolist()})
-    code = {s: k for k, s in enumerate(sources)}
-    has = light["phash"].notna().to_numpy() if "phash" in light else np.zeros(len(light), dtype=bool)
-    phash = np.zeros(len(light), dtype=np.uint64)
-    if has.any():
-        phash[has] = light["phash"][has].to_numpy(dtype=np.uint64)
-    facts = prod.SampleFacts(
-        sources,
-        np.array([code[str(s)] for s in light["source"].tolist()], dtype=np.int32),
-        light["usable"].to_numpy(dtype=bool),
-        phash,
-        has,
-    )
+    facts = prod.facts_from_frame(light, usable=light["usable"].to_numpy(dtype=bool))
     members = prod.ClusterMembers.from_frame(clusters, pd.Index(ids))
     return sorted(ids[prod.select_samples(ctx.product, facts, members)].tolist())
 
@@ -409,7 +396,7 @@ def num(value: Any) -> float | int | None:
     return value
 
 
-def manifest_facts(row: dict[str, Any], site: str | None = None) -> dict[str, Any]:
+def manifest_facts(row: dict[str, Any]) -> dict[str, Any]:
     """The manifest's typed columns every product takes from its sample-table row."""
     return {
         "attribution": row.get("attribution"),
@@ -418,7 +405,7 @@ def manifest_facts(row: dict[str, Any], site: str | None = None) -> dict[str, An
         "lat": num(row.get("lat")),
         "lon": num(row.get("lon")),
         "captured_at": row.get("captured_at"),
-        "site": site if site is not None else row.get("site"),
+        "site": row.get("site"),
     }
 
 
