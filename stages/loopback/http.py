@@ -347,7 +347,7 @@ class LoopbackHTTPServer(TrackedThreadsMixin, ThreadingHTTPServer):
             prev_url = link(offset - limit)
         page = {"count": count, "next": next_url, "previous": prev_url,
                 "results": results[offset:offset + limit]}
-        data = json.dumps(page, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        data = json.dumps(page, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
         return Resource(len(data), _bytes_etag(data), "application/json", data=data)
 
 

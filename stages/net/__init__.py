@@ -138,7 +138,7 @@ class PartFile:
     def save_state(self, state: dict[str, Any]) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.state_path) as tmp:
-            tmp.write_text(json.dumps(state, sort_keys=True), encoding="utf-8")
+            tmp.write_text(json.dumps(state, sort_keys=True, allow_nan=False), encoding="utf-8")
 
     def size_on_disk(self) -> int:
         try:
