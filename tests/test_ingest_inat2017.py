@@ -27,7 +27,7 @@ from PIL import Image
 
 from stages.config import load_params
 from stages.errors import UpstreamFormatError
-from stages.ingest import ingest_source
+from stages.ingest import inat2017, ingest_source
 from stages.ingest.context import IngestContext
 
 SELECTED = {"Actinopterygii", "Mollusca"}
@@ -726,7 +726,7 @@ def test_property_inputs_equal_samples_plus_quarantine(generated, orphans):
                     path.write_bytes(data[: len(data) // 2] if kind == "corrupt" else data)
             effective.append((category, kind))
             if _SUPERS[category] in SELECTED:
-                listings.append(((("train", "val").index(spec["split"]), i), image["id"], own))
+                listings.append(((inat2017.SPLITS.index(spec["split"]), i), image["id"], own))
             doc = docs[spec["split"]]
             doc["images"].append(image)
             if "no_annotation" not in kind:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from stages.errors import ChecksumMismatch, FetchError
-from stages.fsutil import atomic_path, file_digest
+from stages.fsutil import atomic_path, file_digest, write_json
 from stages.net.policy import (
     Deadline,
     NetSettings,
@@ -136,9 +136,7 @@ class PartFile:
         return state if isinstance(state, dict) else None
 
     def save_state(self, state: dict[str, Any]) -> None:
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.state_path) as tmp:
-            tmp.write_text(json.dumps(state, sort_keys=True, allow_nan=False), encoding="utf-8")
+        write_json(self.state_path, state)
 
     def size_on_disk(self) -> int:
         try:
